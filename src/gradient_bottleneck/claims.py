@@ -1,0 +1,46 @@
+"""The claims table: every notebook's verdict rows, read from results/<profile>/*.json."""
+
+import json
+from pathlib import Path
+
+from .paths import REPO_ROOT, RESULTS_DIR
+from .profiles import check_profile
+from .results import atomic_write_bytes
+
+START_MARK = "<!-- claims-table:start -->"
+END_MARK = "<!-- claims-table:end -->"
+
+
+def collect_verdicts(profile: str, results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """Return verdict rows of every results JSON of a profile, in notebook order."""
+    check_profile(profile)
+    folder = Path(results_dir) / profile
+    rows = []
+    for path in sorted(folder.glob("[0-9][0-9]_*.json")):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        commit = (payload.get("provenance", {}).get("git", {}).get("commit") or "unknown")[:8]
+        for verdict in payload.get("verdicts", []):
+            rows.append({**verdict, "notebook": path.stem, "commit": commit})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_No results yet: run `make reproduce`._\n"
+    lines = ["| Claim | Paper | Ours | Verdict | Notebook (profile, commit) |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['claim']} | {row['paper']} | {row['ours']} | **{row['verdict']}** | "
+            f"`{row['notebook']}` ({row['profile']}, {row['commit']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = REPO_ROOT / "README.md") -> None:
+    """Replace the text between the claims-table markers in the README."""
+    text = readme.read_text(encoding="utf-8")
+    if START_MARK not in text or END_MARK not in text:
+        raise ValueError(f"{readme} lacks the markers {START_MARK} and {END_MARK}; add them where the table goes")
+    head, rest = text.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    atomic_write_bytes(readme, f"{head}{START_MARK}\n{table}{END_MARK}{tail}".encode("utf-8"))

@@ -1,0 +1,176 @@
+"""A small decoder-only Transformer whose LM head is full, tied or factorised.
+
+Pre-norm GPT blocks (causal self-attention, GELU MLP), learned positions, a final LayerNorm,
+then the LM head W (V, D) mapping hidden states H (B, T, D) to logits L = H W^T (B, T, V):
+- "full":       W is its own parameter;
+- "tied":       W is the token embedding matrix;
+- "factorised": W = A B with A (V, r) and B (r, D), so rank(W) <= r (the paper's low-rank heads).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_KINDS = ("full", "tied", "factorised")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # V
+    context_length: int = 128  # T, the longest sequence the positional table covers
+    width: int = 64  # D, also the input width of the LM head
+    n_layers: int = 2
+    n_heads: int = 4
+    head: str = "full"  # one of HEAD_KINDS
+    head_rank: int | None = None  # r for the factorised head; must be None otherwise
+    mlp_ratio: int = 4
+    dropout: float = 0.0  # 0 keeps short CPU runs deterministic and comparable
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.vocab_size) or self.vocab_size < 2:
+            raise ValueError(f"vocabulary size V={self.vocab_size!r} must be an integer >= 2")
+        if not is_int(self.width) or self.width < 1:
+            raise ValueError(f"width D={self.width!r} must be an integer >= 1")
+        if not is_int(self.context_length) or self.context_length < 1:
+            raise ValueError(f"context_length T={self.context_length!r} must be an integer >= 1")
+        if not is_int(self.n_layers) or self.n_layers < 0:
+            raise ValueError(f"n_layers={self.n_layers!r} must be an integer >= 0")
+        if not is_int(self.n_heads) or self.n_heads < 1 or self.width % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads!r} must be >= 1 and divide the width D={self.width}")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {self.head!r}; use one of {HEAD_KINDS}")
+        if self.head == "factorised":
+            if not is_int(self.head_rank) or not 1 <= self.head_rank <= self.width:
+                raise ValueError(
+                    f"head rank r={self.head_rank!r} must be in [1, D={self.width}]; use r=D or head='full' for the full head"
+                )
+        elif self.head_rank is not None:
+            raise ValueError(f"head_rank={self.head_rank} only applies to head='factorised', not head={self.head!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.out = nn.Linear(config.width, config.width)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=-1)
+        # (B, T, D) -> (B, heads, T, D / heads)
+        q, k, v = (t.view(batch, time, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(batch, time, width))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.width)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.width, config.mlp_ratio * config.width),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * config.width, config.width),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FactorisedHead(nn.Module):
+    """W = A B with A (V, r), B (r, D); logits = (H B^T) A^T costs O(r (V + D)) per token."""
+
+    def __init__(self, vocab_size: int, width: int, rank: int):
+        super().__init__()
+        # Each factor gets std sqrt(0.02 / sqrt(r)), so entries of A B have std 0.02 like a full head.
+        std = math.sqrt(0.02 / math.sqrt(rank))
+        self.down = nn.Parameter(torch.randn(rank, width) * std)  # B
+        self.up = nn.Parameter(torch.randn(vocab_size, rank) * std)  # A
+
+    def weight(self) -> torch.Tensor:
+        return self.up @ self.down
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.down.T) @ self.up.T
+
+
+class TinyLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.width)
+        self.pos = nn.Embedding(config.context_length, config.width)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.width)
+        self.head = None
+        if config.head == "full":
+            self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+        elif config.head == "factorised":
+            self.head = FactorisedHead(config.vocab_size, config.width, config.head_rank)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, param in self.named_parameters():
+            if name.startswith("head.") and self.config.head == "factorised":
+                continue  # initialised by FactorisedHead
+            if param.dim() >= 2:
+                nn.init.normal_(param, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+        # GPT-2's scaling of residual projections by 1/sqrt(2 * layers) keeps the residual stream's
+        # variance from growing with depth.
+        for block in self.blocks:
+            for proj in (block.attn.out, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * max(self.config.n_layers, 1)))
+
+    def num_parameters(self) -> int:
+        """Count trainable parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def head_weight(self) -> torch.Tensor:
+        """Return the effective head W (V, D) used in the forward pass."""
+        if self.config.head == "tied":
+            return self.embed.weight
+        if self.config.head == "factorised":
+            return self.head.weight()
+        return self.head.weight
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Return the final hidden states H (B, T, D), taken after the final LayerNorm."""
+        time = idx.shape[1]
+        if time > self.config.context_length:
+            raise ValueError(f"sequence length {time} exceeds context_length={self.config.context_length}")
+        x = self.embed(idx) + self.pos(torch.arange(time, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.head == "tied":
+            return hidden @ self.embed.weight.T
+        return self.head(hidden)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Return (logits (B, T, V), mean cross-entropy or None)."""
+        logits = self.logits(self.hidden_states(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return logits, loss

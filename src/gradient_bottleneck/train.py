@@ -1,0 +1,279 @@
+"""Training loop for TinyLM: AdamW, linear warm-up then cosine decay, held-out evaluation,
+checkpoints that resume exactly, and seeds everywhere.
+
+A run directory holds:
+    last.pt                 full state (model, optimizer, step, sampler RNG) for resuming;
+    checkpoints/step_N.pt   model weights at each checkpoint step, for measurements over training;
+    history.json            evaluation curve and the configs, written atomically.
+All checkpoints load with torch.load(weights_only=True).
+"""
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import ModelConfig, TinyLM
+from .results import atomic_write_bytes, write_json
+from .tokenizer import TokenStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # B sequences of context_length tokens per step
+    lr: float = 3e-3  # peak learning rate after warm-up
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 50  # steps between held-out evaluations (and the final step)
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # steps between weight snapshots in checkpoints/; 0 keeps only the final one
+    seed: int = 0
+    device: str = "auto"  # "auto" picks CUDA when available, else CPU
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, steps={self.steps}]")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate lr={self.lr!r} must be a positive finite number, e.g. 3e-3")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = final only)")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+    return device
+
+
+def progress_disabled() -> bool:
+    """Progress bars are silent under CI (the CI variable is set) to keep logs readable."""
+    return bool(os.environ.get("CI"))
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def sample_batch(stream: TokenStream, batch_size: int, time: int, generator: torch.Generator):
+    """Draw B random windows of T + 1 tokens; returns inputs and next-token targets (B, T)."""
+    if len(stream.tokens) <= time + 1:
+        raise ValueError(f"token stream of {len(stream.tokens)} tokens is too short for context_length={time}")
+    starts = torch.randint(0, len(stream.tokens) - time - 1, (batch_size,), generator=generator)
+    windows = torch.stack([stream.tokens[s:s + time + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def evaluation_batches(stream: TokenStream, n_batches: int, batch_size: int, time: int):
+    """Return fixed, evenly spaced held-out windows so every evaluation sees the same tokens."""
+    count = n_batches * batch_size
+    span = len(stream.tokens) - time - 1
+    if span <= 0:
+        raise ValueError(f"held-out stream of {len(stream.tokens)} tokens is too short for context_length={time}")
+    starts = torch.linspace(0, span - 1, count).long()
+    windows = torch.stack([stream.tokens[s:s + time + 1] for s in starts.tolist()])
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: TinyLM, batches, device: torch.device) -> dict:
+    """Return mean held-out cross-entropy (nats/token) and next-token accuracy."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits, loss = model(inputs, targets)
+        loss_sum += float(loss) * targets.numel()
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    model.train(was_training)
+    return {"heldout_loss": loss_sum / count, "heldout_accuracy": correct / count}
+
+
+def _torch_save_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True; a damaged file raises naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError or UnpicklingError on damaged files
+        raise RuntimeError(
+            f"checkpoint {path} is corrupted or truncated ({type(exc).__name__}: {exc}); delete it and retrain"
+        ) from exc
+
+
+def model_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> TinyLM:
+    state = load_checkpoint(path, map_location)
+    model = TinyLM(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def run_key(model_config: ModelConfig, train_config: TrainConfig, data_key: str) -> str:
+    """Hash the configs, the data identity and this package's model and trainer source.
+
+    Including the source means editing model.py or train.py invalidates cached runs.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps([model_config.to_dict(), asdict(train_config), data_key], sort_keys=True).encode())
+    for module in ("model.py", "train.py"):
+        digest.update((Path(__file__).parent / module).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model: TinyLM
+    history: list[dict]  # one row per evaluation: step, tokens_seen, lr, train_loss, heldout_*
+    run_dir: Path | None
+    resumed_from_step: int
+    wall_time_s: float
+
+    def checkpoint_paths(self) -> list[Path]:
+        if self.run_dir is None:
+            return []
+        return sorted((self.run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_stream: TokenStream,
+    heldout_stream: TokenStream,
+    run_dir: str | os.PathLike | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train a TinyLM from scratch, or resume from run_dir/last.pt when it exists.
+
+    With run_dir set, a finished run is loaded from disk without training again, because
+    last.pt records the completed step count.
+    """
+    # Phase 1: set-up. Seeds fix initialisation, batch order and evaluation windows.
+    if train_stream.vocab_size != model_config.vocab_size:
+        raise ValueError(f"token stream has V={train_stream.vocab_size} but the model has V={model_config.vocab_size}")
+    device = select_device(train_config.device)
+    torch.manual_seed(train_config.seed)
+    model = TinyLM(model_config).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train_config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train_config.lr, betas=(0.9, 0.95),
+    )
+    generator = torch.Generator().manual_seed(train_config.seed)
+    eval_batches = evaluation_batches(heldout_stream, train_config.eval_batches, train_config.batch_size,
+                                      model_config.context_length)
+    tokens_per_step = train_config.batch_size * model_config.context_length
+    history: list[dict] = []
+    start_step = 0
+    run_dir = Path(run_dir) if run_dir is not None else None
+    started = time.perf_counter()
+
+    # Phase 2: resume from the last full checkpoint when the run directory has one.
+    if run_dir is not None and (run_dir / "last.pt").exists():
+        state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        if state["model_config"] != model_config.to_dict() or state["train_config"] != asdict(train_config):
+            raise ValueError(f"run directory {run_dir} belongs to a different configuration; use another run_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, history = state["step"], json.loads(state["history_json"])
+        log.info("resumed run_dir=%s step=%d", run_dir, start_step)
+
+    def save_state(step: int) -> None:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "model_config": model_config.to_dict(), "train_config": asdict(train_config),
+            "history_json": json.dumps(history),
+        }
+        atomic_write_bytes(run_dir / "last.pt", _torch_save_bytes(state))
+
+    def save_snapshot(step: int) -> None:
+        snapshot = {"model": model.state_dict(), "model_config": model_config.to_dict(), "step": step}
+        atomic_write_bytes(run_dir / "checkpoints" / f"step_{step:06d}.pt", _torch_save_bytes(snapshot))
+
+    if run_dir is not None and start_step == 0:
+        save_snapshot(0)  # the initialisation, so measurements can start from step 0
+
+    # Phase 3: the loop. One optimizer step per batch; evaluate and checkpoint on schedule.
+    model.train()
+    bar = tqdm(range(start_step, train_config.steps), desc=desc, disable=progress_disabled(), leave=False)
+    train_loss_sum, train_loss_count = 0.0, 0
+    for step in bar:
+        lr = learning_rate(step, train_config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = sample_batch(train_stream, train_config.batch_size, model_config.context_length, generator)
+        _, loss = model(inputs.to(device), targets.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {float(loss)} at step {step} with lr={lr:.3g}; lower the learning rate "
+                "or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        train_loss_sum += loss.item()
+        train_loss_count += 1
+
+        done = step + 1
+        if done % train_config.eval_every == 0 or done == train_config.steps:
+            row = {"step": done, "tokens_seen": done * tokens_per_step, "lr": lr,
+                   "train_loss": train_loss_sum / train_loss_count, **evaluate(model, eval_batches, device)}
+            history.append(row)
+            train_loss_sum, train_loss_count = 0.0, 0
+            bar.set_postfix(heldout_loss=f"{row['heldout_loss']:.3f}")
+            log.info("eval step=%d tokens=%d heldout_loss=%.4f heldout_accuracy=%.4f",
+                     done, row["tokens_seen"], row["heldout_loss"], row["heldout_accuracy"])
+        if run_dir is not None:
+            snapshot_due = train_config.checkpoint_every and done % train_config.checkpoint_every == 0
+            if snapshot_due or done == train_config.steps:
+                save_snapshot(done)
+            if snapshot_due or done == train_config.steps or done % train_config.eval_every == 0:
+                save_state(done)
+
+    # Phase 4: record the finished run.
+    if run_dir is not None:
+        write_json(run_dir / "history.json", {"model_config": model_config.to_dict(),
+                                              "train_config": asdict(train_config), "history": history})
+    model.eval()
+    return TrainResult(model, history, run_dir, start_step, time.perf_counter() - started)
