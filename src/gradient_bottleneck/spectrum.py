@@ -55,8 +55,10 @@ def directions_for_energy(values: torch.Tensor, share: float) -> int:
     if total == 0.0:
         return 0
     cumulative = torch.cumsum(energy, 0) / total
-    # A tiny tolerance so share=1.0 is reached despite rounding in the cumulative sum.
-    return int(torch.searchsorted(cumulative, torch.tensor(share - 1e-12, dtype=torch.float64))) + 1
+    # The first index whose cumulative share reaches `share`; the small tolerance lets share=1.0
+    # be reached despite rounding in the cumulative sum.
+    index = int(torch.searchsorted(cumulative, torch.tensor(share - 1e-12, dtype=torch.float64)))
+    return min(index, len(values) - 1) + 1
 
 
 def cumulative_energy(values: torch.Tensor) -> torch.Tensor:
