@@ -4,7 +4,10 @@ Pre-norm GPT blocks (causal self-attention, GELU MLP), learned positions, a fina
 then the LM head W (V, D) mapping hidden states H (B, T, D) to logits L = H W^T (B, T, V):
 - "full":       W is its own parameter;
 - "tied":       W is the token embedding matrix;
-- "factorised": W = A B with A (V, r) and B (r, D), so rank(W) <= r (the paper's low-rank heads).
+- "factorised": W = A B with A (V, r) and B (r, D), so rank(W) <= r (the paper's low-rank heads);
+- "backward_only": W is a full head in the forward pass, but in the backward pass the gradient the
+  backbone receives is restricted to a rank-r subspace of W (see BackwardRankProjection). This
+  control keeps the forward pass's expressivity and narrows only the gradient path.
 """
 
 import math
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS = ("full", "tied", "factorised")
+HEAD_KINDS = ("full", "tied", "factorised", "backward_only")
+RANKED_HEADS = ("factorised", "backward_only")  # head kinds that take head_rank r
 
 
 @dataclass
@@ -25,7 +29,7 @@ class ModelConfig:
     n_layers: int = 2
     n_heads: int = 4
     head: str = "full"  # one of HEAD_KINDS
-    head_rank: int | None = None  # r for the factorised head; must be None otherwise
+    head_rank: int | None = None  # r for the factorised and backward_only heads; must be None otherwise
     mlp_ratio: int = 4
     dropout: float = 0.0  # 0 keeps short CPU runs deterministic and comparable
 
@@ -50,8 +54,17 @@ class ModelConfig:
                 raise ValueError(
                     f"head rank r={self.head_rank!r} must be in [1, D={self.width}]; use r=D or head='full' for the full head"
                 )
+        elif self.head == "backward_only":
+            if not is_int(self.head_rank) or not 1 <= self.head_rank <= self.width:
+                raise ValueError(
+                    f"head rank r={self.head_rank!r} must be in [1, D={self.width}] for head='backward_only'; "
+                    "r=D passes the whole gradient, like head='full'"
+                )
         elif self.head_rank is not None:
-            raise ValueError(f"head_rank={self.head_rank} only applies to head='factorised', not head={self.head!r}")
+            raise ValueError(
+                f"head_rank={self.head_rank} only applies to head='factorised' or head='backward_only', "
+                f"not head={self.head!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
 
@@ -111,6 +124,43 @@ class FactorisedHead(nn.Module):
         return (hidden @ self.down.T) @ self.up.T
 
 
+def top_right_singular_vectors(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Return V_r (D, r): the right singular vectors of W (V, D) with the r largest singular values.
+
+    They are the top eigenvectors of the D x D Gram matrix W^T W, computed in float64 so that
+    nearly equal singular values still give an orthonormal basis; this never forms a V x V matrix.
+    """
+    gram = weight.detach().double().T @ weight.detach().double()
+    _, eigenvectors = torch.linalg.eigh(gram)  # eigenvalues in ascending order
+    return eigenvectors[:, -rank:].flip(-1).to(weight.dtype)
+
+
+class BackwardRankProjection(torch.autograd.Function):
+    """Identity on the hidden states H in the forward pass; in the backward pass the incoming
+    gradient dL/dH = G W (C, D) is projected onto the span of V_r, the top-r right singular
+    vectors of the head W (recomputed from the current W at every backward pass):
+
+        backbone receives  G W V_r V_r^T = G W_r,  W_r = U_r S_r V_r^T the best rank-r approximation of W.
+
+    So the backbone sees exactly the hidden-state gradient a head of rank r (W_r) would send, while
+    the logits, the loss and the head's own gradient G^T H still use the full W.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, rank: int) -> torch.Tensor:
+        ctx.save_for_backward(weight.detach())
+        ctx.rank = rank
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        if ctx.rank >= weight.shape[1]:
+            return grad_hidden, None, None  # r = D keeps the whole row space: nothing to remove
+        basis = top_right_singular_vectors(weight, ctx.rank).to(grad_hidden.dtype)  # V_r (D, r)
+        return (grad_hidden @ basis) @ basis.T, None, None
+
+
 class TinyLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -120,7 +170,7 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.width)
         self.head = None
-        if config.head == "full":
+        if config.head in ("full", "backward_only"):
             self.head = nn.Linear(config.width, config.vocab_size, bias=False)
         elif config.head == "factorised":
             self.head = FactorisedHead(config.vocab_size, config.width, config.head_rank)
@@ -165,6 +215,8 @@ class TinyLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.head == "tied":
             return hidden @ self.embed.weight.T
+        if self.config.head == "backward_only":
+            hidden = BackwardRankProjection.apply(hidden, self.head.weight, self.config.head_rank)
         return self.head(hidden)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
