@@ -42,7 +42,7 @@ class HeadProjector:
     """Projection onto col(W) for a head W (V, D), built from the D x D Gram matrix in float64.
 
     rtol: singular values s_i <= rtol * s_max are treated as zero. The default is
-    max(10 * eps(W.dtype), 1e-5): below it a direction cannot be told apart from the rounding
+    max(10 * eps(W.dtype), 1e-5): below it a direction cannot be distinguished from the rounding
     noise of the stored head or of the float64 Gram matrix, whose eigenvalues carry absolute
     errors near D * eps(float64) * s_max^2, i.e. singular values near 1e-6 * s_max for D = 4096.
     """
