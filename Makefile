@@ -21,7 +21,7 @@ export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install reproduce test unit smoke lab clean check-profile
+.PHONY: help install reproduce test unit smoke lab clean check-profile bench report
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,12 @@ smoke: $(STAMP)  ## Run every notebook with the smoke profile under nbval
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax $(SMOKE_DIR)/*.ipynb
 
 test: unit smoke  ## Unit tests, then every notebook in the smoke profile under nbval
+
+bench: $(STAMP)  ## Run the benchmarks (ratios measured side by side) into results/bench.json
+	$(PY) -m gradient_bottleneck.bench
+
+report: $(STAMP) check-profile  ## Render results/PROFILE/ notebooks to HTML with an index, in build/report/PROFILE/
+	$(PY) -m gradient_bottleneck.report --profile $(PROFILE)
 
 lab: $(STAMP)  ## Open JupyterLab on notebooks/ with the project's environment
 	$(VENV)/bin/jupyter lab notebooks/
