@@ -14,7 +14,7 @@ def best_rank_approximation(weight, rank):
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8])
-def test_projection_backward_equals_gradient_through_best_rank_head(generator, rank):
+def test_backward_equals_best_rank_head_gradient(generator, rank):
     vocab, width, contexts = 50, 8, 12
     weight = torch.randn(vocab, width, generator=generator, dtype=torch.float64)
     hidden = torch.randn(contexts, width, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -30,7 +30,7 @@ def test_projection_backward_equals_gradient_through_best_rank_head(generator, r
     torch.testing.assert_close(projected, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_full_rank_passes_the_whole_gradient(generator):
+def test_full_rank_passes_whole_gradient(generator):
     weight = torch.randn(30, 6, generator=generator, dtype=torch.float64)
     hidden = torch.randn(5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     (plain,) = torch.autograd.grad((hidden @ weight.T).sin().sum(), hidden)
@@ -38,14 +38,14 @@ def test_full_rank_passes_the_whole_gradient(generator):
     torch.testing.assert_close(through, plain)
 
 
-def test_top_right_singular_vectors_span_svd_subspace(generator):
+def test_top_singular_vectors_match_svd(generator):
     weight = torch.randn(40, 10, generator=generator)
     basis = top_right_singular_vectors(weight, 4)
     _, _, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     torch.testing.assert_close(basis.double() @ basis.double().T, vh[:4].T @ vh[:4], atol=1e-5, rtol=0)
 
 
-def test_backward_only_model_keeps_full_forward_and_head_gradient():
+def test_backward_only_keeps_forward_and_head_gradient():
     config = dict(vocab_size=64, context_length=8, width=16, n_layers=1, n_heads=2)
     torch.manual_seed(0)
     full = TinyLM(ModelConfig(**config, head="full"))
@@ -63,6 +63,6 @@ def test_backward_only_model_keeps_full_forward_and_head_gradient():
 
 
 @pytest.mark.parametrize("rank", [None, 0, 17, 2.0])
-def test_backward_only_rank_is_validated(rank):
+def test_backward_only_rank_validated(rank):
     with pytest.raises(ValueError, match="head rank r=.*backward_only"):
         ModelConfig(vocab_size=64, width=16, head="backward_only", head_rank=rank)

@@ -18,7 +18,7 @@ from gradient_bottleneck.model import ModelConfig, TinyLM
 from gradient_bottleneck.tokenizer import TokenStream
 
 
-def test_crossing_is_interpolated_linearly_between_evaluations():
+def test_crossing_interpolates_linearly():
     tokens, losses = [100, 200, 300, 400], [5.0, 4.0, 3.0, 2.5]
     assert tokens_to_matched_loss(tokens, losses, 3.5) == pytest.approx(250.0)
     assert tokens_to_matched_loss(tokens, losses, 3.0) == pytest.approx(300.0)
@@ -36,16 +36,17 @@ def test_crossing_edge_cases():
         tokens_to_matched_loss([100], [5.0, 4.0], 4.5)
 
 
-def test_matched_loss_ratio_reads_as_the_papers_sixteen_x():
+def test_matched_loss_ratio_sixteen_x_example():
     # Reference reaches 3.0 at 700 tokens (linear between 600 and 800); the narrow run ends at 3.0 after 11,200.
     reference_tokens, reference_losses = [200, 400, 600, 800], [4.0, 3.5, 3.2, 2.8]
     assert matched_loss_ratio(reference_tokens, reference_losses, 11_200, 3.0) == pytest.approx(16.0)
     assert matched_loss_ratio(reference_tokens, reference_losses, 11_200, 2.0) is None
 
 
-def test_mean_std_uses_sample_deviation_and_skips_missing():
+def test_mean_std_skips_missing_values():
     mean, std = mean_std([1.0, 2.0, 3.0, None, math.nan])
-    assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)
+    assert mean == pytest.approx(2.0)
+    assert std == pytest.approx(1.0)  # sample deviation (ddof=1)
     assert mean_std([4.0]) == (4.0, 0.0)
     assert all(math.isnan(v) for v in mean_std([None]))
 
@@ -59,7 +60,7 @@ def test_frequency_buckets_by_cumulative_mass():
         frequency_buckets(train, 6, frequent_mass=0.95, rare_mass=0.1)
 
 
-def test_heldout_metrics_match_a_direct_forward_pass():
+def test_heldout_metrics_match_direct_forward():
     torch.manual_seed(0)
     model = TinyLM(ModelConfig(vocab_size=40, context_length=8, width=16, n_layers=1, n_heads=2))
     tokens = torch.randint(0, 40, (50,), generator=torch.Generator().manual_seed(3))
@@ -74,11 +75,15 @@ def test_heldout_metrics_match_a_direct_forward_pass():
     per_doc = per_document_loss(metrics, stream)
     assert per_doc["a"] == pytest.approx(float(metrics.losses[:19].double().mean()))  # targets at 1..19
     assert per_doc["b"] == pytest.approx(float(metrics.losses[19:].double().mean()))
+    sampled = heldout_token_metrics(model, stream, context_length=8, batch_size=4, max_windows=2)
+    assert sampled.positions.tolist() == list(range(1, 9)) + list(range(41, 49))  # first and last window
+    torch.testing.assert_close(sampled.losses[8:], metrics.losses[40:])
 
     buckets = torch.zeros(40, dtype=torch.long)
     buckets[metrics.targets[0]] = 2
     result = bucket_accuracy(metrics, buckets)
     assert result["frequent"]["targets"] + result["rare"]["targets"] == 48
-    assert result["middle"]["targets"] == 0 and math.isnan(result["middle"]["accuracy"])
+    assert result["middle"]["targets"] == 0
+    assert math.isnan(result["middle"]["accuracy"])
     rare = buckets[metrics.targets] == 2
     assert result["rare"]["accuracy"] == pytest.approx(float(metrics.correct[rare].double().mean()))

@@ -29,7 +29,7 @@ def free_loopback_port() -> int:
 
 
 @pytest.mark.skipif(torchrun is None, reason="torchrun is not installed next to this Python")
-def test_two_ranks_hold_identical_weights_equal_to_one_process_with_twice_the_batch(tmp_path):
+def test_ddp_ranks_match_each_other_and_one_process(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus")
     steps, batch = 6, 2
     command = [
@@ -46,7 +46,8 @@ def test_two_ranks_hold_identical_weights_equal_to_one_process_with_twice_the_ba
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == 2 and summary["step"] == steps
+    assert summary["world_size"] == 2
+    assert summary["step"] == steps
 
     rank0 = torch.load(tmp_path / "run" / "rank0_weights.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "run" / "rank1_weights.pt", weights_only=True)

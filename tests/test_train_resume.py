@@ -41,7 +41,7 @@ def streams():
 
 
 @pytest.mark.parametrize("head,rank", [("full", None), ("backward_only", 4)])
-def test_stopped_run_resumes_to_the_same_end(tmp_path, head, rank):
+def test_stopped_run_resumes_to_same_end(tmp_path, head, rank):
     model = ModelConfig(**{**MODEL.to_dict(), "head": head, "head_rank": rank})
     config = TrainConfig(steps=20, batch_size=4, eval_every=6, warmup_steps=4, device="cpu", seed=3)
     train_stream, heldout_stream = streams()
@@ -52,7 +52,8 @@ def test_stopped_run_resumes_to_the_same_end(tmp_path, head, rank):
     assert stopped.stopped_at_step == 9
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 9
     resumed = train(model, config, train_stream, heldout_stream, tmp_path / "resumed")
-    assert resumed.resumed_from_step == 9 and resumed.stopped_at_step is None
+    assert resumed.resumed_from_step == 9
+    assert resumed.stopped_at_step is None
 
     assert resumed.history == reference.history  # same evaluations, same floats
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -60,7 +61,7 @@ def test_stopped_run_resumes_to_the_same_end(tmp_path, head, rank):
     assert reference.history[-1]["heldout_loss"] < reference.history[0]["heldout_loss"]
 
 
-def test_resume_rejects_a_changed_configuration(tmp_path):
+def test_resume_rejects_changed_configuration(tmp_path):
     train_stream, heldout_stream = streams()
     config = TrainConfig(steps=4, batch_size=2, eval_every=2, warmup_steps=1, device="cpu")
     train(MODEL, config, train_stream, heldout_stream, tmp_path, stop_after_step=2)
@@ -99,7 +100,7 @@ def subprocess_env():
     return {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
 
 
-def test_sigkilled_pretrain_relaunched_with_the_same_command_matches(tmp_path):
+def test_sigkilled_run_resumes_to_same_loss(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus")
     steps = 300
     # Kill the run with SIGKILL as soon as it has written a resumable checkpoint.
@@ -122,6 +123,7 @@ def test_sigkilled_pretrain_relaunched_with_the_same_command_matches(tmp_path):
     model = ModelConfig(vocab_size=300, context_length=16, width=32, n_layers=1, n_heads=2)
     config = TrainConfig(steps=steps, batch_size=4, warmup_steps=5, eval_every=10, eval_batches=1, device="cpu")
     reference = train(model, config, train_stream, heldout_stream).history[-1]
-    assert summary["step"] == reference["step"] == steps
+    assert summary["step"] == steps
+    assert reference["step"] == steps
     assert summary["heldout_loss"] == reference["heldout_loss"]
     assert summary["heldout_accuracy"] == reference["heldout_accuracy"]

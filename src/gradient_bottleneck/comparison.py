@@ -65,9 +65,9 @@ def frequency_buckets(train_tokens: torch.Tensor, vocab_size: int, frequent_mass
                       rare_mass: float = 0.1) -> torch.Tensor:
     """Assign each token id to a frequency bucket (0 frequent, 1 middle, 2 rare) by its training count.
 
-    Sorting the vocabulary from most to least frequent, "frequent" is the shortest head of the
-    list that covers `frequent_mass` of all training tokens, and "rare" is the tail that covers
-    the last `rare_mass` of them, together with tokens never seen in training.
+    The vocabulary is sorted from most to least frequent. "Frequent" is the shortest head of that
+    list covering `frequent_mass` of all training tokens. "Rare" is the tail covering the last
+    `rare_mass` of them, plus every token that never occurs in training.
     """
     if not 0.0 < frequent_mass < 1.0 - rare_mass < 1.0:
         raise ValueError(f"need 0 < frequent_mass={frequent_mass} < 1 - rare_mass={1 - rare_mass} < 1")
@@ -95,18 +95,25 @@ class TokenMetrics:
 
 @torch.no_grad()
 def heldout_token_metrics(model, stream: TokenStream, context_length: int, batch_size: int = 16,
-                          device: str | torch.device = "cpu", max_tokens: int | None = None) -> TokenMetrics:
-    """Score every target of the stream's first max_tokens tokens, in non-overlapping windows of T.
+                          device: str | torch.device = "cpu", max_windows: int | None = None) -> TokenMetrics:
+    """Score the targets of non-overlapping windows of T + 1 tokens tiling the held-out stream.
 
-    Each window of T + 1 tokens predicts its last T; the first token of the stream is never a target.
+    Each window predicts its last T tokens (the stream's first token is never a target). With
+    max_windows set, that many windows are taken evenly spaced over the stream, so every document
+    keeps a share proportional to its length.
     """
-    tokens = stream.tokens if max_tokens is None else stream.tokens[:max_tokens]
+    tokens = stream.tokens
     n_windows = (len(tokens) - 1) // context_length
     if n_windows < 1:
         raise ValueError(f"held-out stream of {len(tokens)} tokens is shorter than context_length={context_length} + 1")
+    starts = torch.arange(n_windows) * context_length
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows={max_windows} must be >= 1 (or None for every window)")
+        if max_windows < n_windows:
+            starts = starts[torch.linspace(0, n_windows - 1, max_windows).round().long()]
     was_training = model.training
     model.eval()
-    starts = torch.arange(n_windows) * context_length
     offsets = torch.arange(context_length + 1)
     losses, correct, targets, positions = [], [], [], []
     for chunk in starts.split(batch_size):

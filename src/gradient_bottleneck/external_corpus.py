@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .model import ModelConfig
+from .paths import CACHE_DIR
 from .results import atomic_write_bytes, write_json
 from .tokenizer import END_OF_TEXT, MIN_VOCAB_SIZE, TokenStream
+from .train import TrainConfig, TrainResult, run_key, train
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ def prepare_corpus(source: str, tokenizer_spec: str, out_dir: str | Path, heldou
     """Encode `source` into `out_dir` (see the module docstring) unless it is already there.
 
     Every 1/heldout_fraction-th document goes to the held-out split, so the split is by document.
-    The BPE tokenizer, when trained here, sees the first `tokenizer_documents` training documents.
+    A BPE tokenizer trained here learns from the first `tokenizer_documents` training documents.
     NOTE: documents are held in memory while encoding; corpora beyond a few GB need a streaming
     encoder writing in chunks.
     """
@@ -188,3 +191,17 @@ def load_corpus(folder: str | Path) -> tuple[TokenStream, TokenStream]:
         names = tuple(f"{split}_{i:06d}" for i in range(len(starts)))
         streams.append(TokenStream(torch.from_numpy(tokens), torch.from_numpy(starts), names, meta["vocab_size"]))
     return streams[0], streams[1]
+
+
+def train_cached_on(folder: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+                    desc: str = "train") -> TrainResult:
+    """Train on an encoded corpus folder, reusing a finished run from .cache/runs/ when one matches.
+
+    The cache key covers both configs, the folder's meta.json (source, tokenizer, token counts)
+    and the model and trainer source, like experiments.train_cached does for the shipped corpus.
+    """
+    folder = Path(folder)
+    train_stream, heldout_stream = load_corpus(folder)
+    data_key = f"{folder.resolve()}:{(folder / 'meta.json').read_text(encoding='utf-8')}"
+    run_dir = CACHE_DIR / "runs" / run_key(model_config, train_config, data_key)
+    return train(model_config, train_config, train_stream, heldout_stream, run_dir=run_dir, desc=desc)

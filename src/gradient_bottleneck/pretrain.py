@@ -1,7 +1,7 @@
 """Pretrain a TinyLM from the command line, in one process or under torchrun.
 
     python -m gradient_bottleneck.pretrain --run-dir runs/r32 --head factorised --head_rank 32
-    torchrun --nproc_per_node=8 -m gradient_bottleneck.pretrain --config profiles/gpu/pretrain.yaml \
+    torchrun --nproc_per_node=8 -m gradient_bottleneck.pretrain --config my_run.yaml \
         --run-dir runs/r32 --parallel ddp
 
 Every ModelConfig and TrainConfig field is a flag of the same name (see --help). --config reads
@@ -29,10 +29,6 @@ from .tokenizer import encode_split
 from .train import TrainConfig, train
 
 log = logging.getLogger("gradient_bottleneck.pretrain")
-
-DATA_FLAGS = ("corpus", "tokenizer", "vocab_size", "data_dir", "text_field", "heldout_fraction",
-              "allow_download", "max_documents")
-
 
 def _field_type(field: dataclasses.Field):
     if field.type in (int, "int"):
@@ -75,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             training.add_argument(f"--{field.name}", type=_field_type(field), default=None,
                                   help=f"default {field.default!r}")
+    data.add_argument("--prepare-only", action="store_true",
+                      help="encode the corpus into --data-dir and exit (e.g. for notebook 04's corpus parameter)")
     testing = parser.add_argument_group("testing")
     testing.add_argument("--stop-after-step", type=int, default=None,
                          help="save the full state after this step and exit, as if interrupted")
@@ -126,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if group.world_size > 1 and (args.parallel or "none") == "none":
             raise ValueError(f"torchrun started {group.world_size} processes; pass --parallel ddp or --parallel fsdp")
         train_stream, heldout_stream = load_streams(args, group)
+        if args.prepare_only:
+            if group.rank == 0:
+                print(json.dumps({"train_tokens": len(train_stream.tokens), "heldout_tokens": len(heldout_stream.tokens),
+                                  "vocab_size": train_stream.vocab_size}), flush=True)
+            return 0
         model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
                         if f.name != "vocab_size" and getattr(args, f.name) is not None}
         train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
