@@ -1,9 +1,9 @@
 """Bad inputs give one clear error that names the value and the fix, and leave earlier results intact.
 
-Cases already covered elsewhere are not repeated here: model sizes and ranks (test_model.py),
-train-config values, NaN loss and damaged checkpoint bytes (test_train.py), tokenizer sizes,
-unreadable tokenizer cache and missing or empty corpus (test_tokenizer.py), an unwritable folder
-for atomic writes (test_results.py) and the unknown profile of the claims table (test_profiles.py).
+Cases that other test files cover are not repeated here. test_model.py covers model sizes and
+ranks, and test_train.py covers train-config values, NaN loss and damaged checkpoint bytes.
+test_tokenizer.py covers tokenizer sizes, an unreadable tokenizer cache and a missing or empty
+corpus. test_results.py covers an unwritable folder, and test_profiles.py an unknown profile.
 """
 
 import errno
@@ -42,7 +42,8 @@ def assert_unchanged(files: dict[Path, bytes]) -> None:
     for path, data in files.items():
         assert path.read_bytes() == data, f"{path} changed"
     for folder in {path.parent for path in files}:
-        assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp")), f"temporary file left in {folder}"
+        assert not list(folder.glob("*.tmp")), f"temporary file left in {folder}"
+        assert not list(folder.glob(".*.tmp")), f"temporary file left in {folder}"
 
 
 # ---------------------------------------------------------------------------------------------

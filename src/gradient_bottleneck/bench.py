@@ -7,13 +7,13 @@ per-round ratios:
 1. projection: measure_projection (the destroyed ratio) against the head's own forward pass
    (logits + softmax) on the same tokens, for a GPT-2-sized head (V = 50,257, D = 768). The
    floor is about 2 because the projection needs one more (C, V) x (V, D) product.
-2. naive: the same destroyed ratios by per-token least squares and by a dense V x V projector,
-   on a size where both finish; speed-up and largest difference of the values.
+2. naive: the same per-token destroyed ratios by per-token least squares and by a dense V x V
+   projector, on a size where both finish. It reports the speed-up and the largest difference.
 3. training: tokens/s of TinyLM with a full head against Hugging Face GPT2LMHeadModel with the
    same layers, width, heads, context and vocabulary, optimizer and batches; and the slowdown of
    the factorised and backward-only heads against the full head.
 4. memory: peak resident memory of a child process that measures a V = 151,936, D = 4,096 head
-   (the size of Qwen3-8B's head), divided by the head's own size.
+   in float32, divided by the head's own size.
 5. end_to_end: wall times of `make test` and `make reproduce`, timed by this module
    (--time-make) or recorded from elsewhere (--record, --reproduce-log).
 
@@ -130,7 +130,7 @@ def bench_projection(quick: bool) -> dict:
     log.info("bench projection V=%d D=%d tokens=%d chunk_size=%d", vocab_size, width, tokens, chunk_size)
 
     def forward() -> None:
-        """The head's forward pass on the same chunks: logits, then softmax."""
+        """Run the head's forward pass on the same chunks: logits, then softmax."""
         with torch.no_grad():
             for start in range(0, tokens, chunk_size):
                 torch.softmax(hidden[start:start + chunk_size] @ head.T, dim=-1)
@@ -464,7 +464,7 @@ def summary_line(name: str, result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradient_bottleneck.bench",
                                      description="Benchmarks as side-by-side ratios; writes results/bench.json.")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds, to check that every benchmark runs")
     parser.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results file (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--time-make", metavar="TARGET", action="append", default=[],
@@ -534,9 +534,9 @@ def run(args: argparse.Namespace) -> int:
     results = run_benchmarks(names, args.quick)
     # Benchmarks not rerun this time keep their previous values, marked with their own date.
     previous = existing.get("benchmarks", {})
-    kept = {name: value for name, value in previous.items() if name not in results}
+    not_rerun = {name: value for name, value in previous.items() if name not in results}
     stamp = {"date_utc": info["date_utc"], "git": info["git"], "quick": args.quick}
-    results = {**kept, **{name: {**value, **stamp} for name, value in results.items()}}
+    results = {**not_rerun, **{name: {**value, **stamp} for name, value in results.items()}}
     payload = {**info, "quick": args.quick, "benchmarks": results, "end_to_end": end_to_end}
     write_json(output, payload)
     print(f"written {output}")

@@ -42,7 +42,7 @@ KEY_FIGURES = {
 
 @dataclass
 class NotebookEntry:
-    """What the results folder holds for one notebook."""
+    """Files of one notebook in a results folder."""
 
     stem: str  # e.g. "01_vocabulary_gradients"
     executed: Path | None = None  # results/<profile>/<stem>.ipynb
