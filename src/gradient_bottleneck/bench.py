@@ -461,6 +461,56 @@ def summary_line(name: str, result: dict) -> str:
     return ""
 
 
+def markdown_summary(payload: dict) -> str:
+    """Return a Markdown table of the ratios in a bench.json payload, with date, commit and machine."""
+    rows = []
+    benchmarks = payload.get("benchmarks", {})
+    labels = {
+        "projection": ("Destroyed ratio vs the head's forward pass (V={vocab_size:,}, D={width:,})", "ratio_measure_to_forward",
+                       "{:.2f}x the forward time", "<= 2.5x"),
+        "naive": ("Speed-up vs per-token least squares", "speedup_vs_least_squares", "{:.0f}x faster", ">= 20x"),
+        "training": ("TinyLM vs GPT2LMHeadModel training tokens/s", "speedup_tinylm_full_vs_hf_gpt2",
+                     "{:.2f}x", ">= 1.2x"),
+        "memory": ("Peak RSS / head size (V={vocab_size:,}, D={width:,}, float32)", "ratio_peak_rss_to_head", "{:.2f}",
+                   "<= 2"),
+    }
+    for name, (label, key, form, target) in labels.items():
+        if name in benchmarks:
+            result = benchmarks[name]
+            commit = ((result.get("git") or {}).get("commit") or "unknown")[:8]
+            met = "yes" if result.get("meets_target") else "no"
+            label = label.format(**result["config"]) + (" (quick)" if result.get("quick") else "")
+            rows.append(f"| {label} | {form.format(result[key])} | {target} | {met} | {result.get('date_utc', '?')[:10]}, {commit} |")
+    if "naive" in benchmarks:
+        result = benchmarks["naive"]
+        rows.append(f"| Speed-up vs a dense V x V projector | {result['speedup_vs_dense_projector']:.1f}x faster | - | - | "
+                    f"{result.get('date_utc', '?')[:10]}, {((result.get('git') or {}).get('commit') or 'unknown')[:8]} |")
+        rows.append(f"| Largest per-token difference vs both naive methods | "
+                    f"{max(result['max_abs_difference_ours_vs'].values()):.1e} | <= 1e-5 | "
+                    f"{'yes' if max(result['max_abs_difference_ours_vs'].values()) <= 1e-5 else 'no'} | |")
+    if "training" in benchmarks:
+        result = benchmarks["training"]
+        rows.append(f"| Factorised head (r={result['config']['head_rank']}) step time / full head | "
+                    f"{result['slowdown_factorised_vs_full']:.2f}x | - | - | |")
+        rows.append(f"| Backward-only head (r={result['config']['head_rank']}) step time / full head | "
+                    f"{result['slowdown_backward_only_vs_full']:.2f}x | - | - | |")
+    for name, record in payload.get("end_to_end", {}).items():
+        commit = ((record.get("git") or {}).get("commit") or "unknown")[:8]
+        rows.append(f"| `make {name.removeprefix('make_')}` wall time | {record['seconds'] / 60:.1f} min | - | - | "
+                    f"{record['date_utc'][:10]}, {commit} |")
+    machine = payload.get("machine", {})
+    header_lines = [
+        f"Measured by `python -m gradient_bottleneck.bench` on {machine.get('cpu_count', '?')} cores "
+        f"({machine.get('cpu_model', machine.get('processor', 'unknown CPU'))}), torch "
+        f"{payload.get('versions', {}).get('torch', '?')}, 1-minute load average "
+        f"{machine.get('load_average_1min_at_start', '?')} at the start.",
+        "",
+        "| Benchmark | Measured | Target | Met | Date, commit |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header_lines + rows) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradient_bottleneck.bench",
                                      description="Benchmarks as side-by-side ratios; writes results/bench.json.")
@@ -473,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record a wall time measured elsewhere, e.g. make_test=512; runs no benchmark")
     parser.add_argument("--reproduce-log", metavar="FILE",
                         help="record make_reproduce from the '== all notebooks took N s' line of its output")
+    parser.add_argument("--summary", action="store_true",
+                        help="print a Markdown table of the ratios in the results file and run nothing")
     parser.add_argument("--memory-child", metavar="V,D,TOKENS,CHUNK", help=argparse.SUPPRESS)
     return parser
 
@@ -496,6 +548,11 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and output.is_dir():
         raise ValueError(f"--output {output} is a folder; give a file path such as {DEFAULT_OUTPUT}")
     existing = load_existing(output)
+    if args.summary:
+        if not existing:
+            raise ValueError(f"{output} not found; run `make bench` first")
+        print(markdown_summary(existing), end="")
+        return 0
     end_to_end = dict(existing.get("end_to_end", {}))
 
     # Parse every recorded time before anything runs, so a typo fails fast.
