@@ -23,7 +23,7 @@ from gradient_bottleneck.corpus import load_documents
 from gradient_bottleneck.model import ModelConfig
 from gradient_bottleneck.paths import REPO_ROOT
 from gradient_bottleneck.tokenizer import TokenStream, encode_split, load_tokenizer
-from gradient_bottleneck.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from gradient_bottleneck.train import TrainConfig, model_from_checkpoint, train
 
 NOTEBOOKS = {path.stem: path for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))}
 

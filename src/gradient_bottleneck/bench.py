@@ -46,11 +46,13 @@ import torch.nn.functional as F
 from .model import ModelConfig, TinyLM
 from .paths import REPO_ROOT, resolve
 from .projection import HeadProjector, measure_projection
-from .results import git_commit, package_versions, write_json
+from .results import atomic_write_bytes, git_commit, package_versions, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "results/bench.json"
+DOCS_PAGE = REPO_ROOT / "docs" / "benchmarks.md"
+START_MARK, END_MARK = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
 BENCHMARKS = ("projection", "naive", "training", "memory")
 END_TO_END_NAMES = ("make_test", "make_reproduce", "make_smoke", "make_unit", "make_bench", "make_report")
 
@@ -511,6 +513,16 @@ def markdown_summary(payload: dict) -> str:
     return "\n".join(header_lines + rows) + "\n"
 
 
+def update_docs_page(table: str, page: Path = DOCS_PAGE) -> None:
+    """Replace the text between the bench-summary markers of the benchmarks page."""
+    text = page.read_text(encoding="utf-8")
+    if START_MARK not in text or END_MARK not in text:
+        raise ValueError(f"{page} lacks the markers {START_MARK} and {END_MARK}; add them where the table goes")
+    head, rest = text.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    atomic_write_bytes(page, f"{head}{START_MARK}\n{table}{END_MARK}{tail}".encode("utf-8"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradient_bottleneck.bench",
                                      description="Benchmarks as side-by-side ratios; writes results/bench.json.")
@@ -525,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record make_reproduce from the '== all notebooks took N s' line of its output")
     parser.add_argument("--summary", action="store_true",
                         help="print a Markdown table of the ratios in the results file and run nothing")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"with --summary, also replace the table in {DOCS_PAGE.relative_to(REPO_ROOT)}")
     parser.add_argument("--memory-child", metavar="V,D,TOKENS,CHUNK", help=argparse.SUPPRESS)
     return parser
 
@@ -551,7 +565,11 @@ def run(args: argparse.Namespace) -> int:
     if args.summary:
         if not existing:
             raise ValueError(f"{output} not found; run `make bench` first")
-        print(markdown_summary(existing), end="")
+        table = markdown_summary(existing)
+        print(table, end="")
+        if args.update_docs:
+            update_docs_page(table)
+            print(f"updated {DOCS_PAGE}")
         return 0
     end_to_end = dict(existing.get("end_to_end", {}))
 
