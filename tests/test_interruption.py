@@ -130,3 +130,28 @@ def test_resume_removes_temporary_files_of_killed_writes(tmp_path):
 
     assert train(model, config, *streams, run_dir=tmp_path).resumed_from_step == 2
     assert stray_temporary_files(tmp_path) == []
+
+
+WRITER = """
+import sys
+from gradient_bottleneck.results import write_json
+
+# Rewrite one results file over and over with a large payload, so that a kill lands mid-write.
+for round in range(100000):
+    write_json(sys.argv[1], {"round": round, "values": list(range(200000))})
+"""
+
+
+def test_sigkilled_results_writer_leaves_whole_json(tmp_path):
+    path = tmp_path / "01_demo.json"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=child_env())
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    written = json.loads(path.read_text())  # a partial file would not parse
+    assert written["round"] >= 0
+    assert len(written["values"]) == 200000

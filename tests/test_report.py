@@ -36,7 +36,8 @@ def test_report_renders_notebooks_and_index(tmp_path):
     assert "claim of 01_vocabulary_gradients &lt;b&gt;" in page  # text is escaped
     assert '<a href="01_vocabulary_gradients.html">01_vocabulary_gradients</a>' in page
     assert "Title of 01_vocabulary_gradients" in page
-    assert "not reproduced" in page and "07_other <span class=\"muted\">(no executed copy)</span>" in page
+    assert "not reproduced" in page
+    assert '07_other <span class="muted">(no executed copy)</span>' in page
     # The named key figure for notebook 01, the first figure by name for an unknown notebook.
     assert '<img src="figures/01_rank_versus_tokens.png"' in page
     assert '<img src="figures/07_a.png"' in page
