@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 
 from gradient_bottleneck import pretrained  # noqa: E402
 from gradient_bottleneck.__main__ import main  # noqa: E402
+from gradient_bottleneck.model import ModelConfig, TinyLM  # noqa: E402
 from gradient_bottleneck.paths import CORPUS_DIR, REPO_ROOT  # noqa: E402
 from gradient_bottleneck.projection import measure_projection  # noqa: E402
 
@@ -119,6 +120,41 @@ def test_measure_matches_references(tiny_models, name):
     assert math.isclose(summary["visible_cosine"], package.visible_cosine, rel_tol=1e-4)
     per_token = measurement.stats.token_destroyed()
     assert torch.allclose(per_token, package.token_destroyed(), atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["full", "tied", "factorised"])
+def test_tinylm_export_measures_like_package(bpe, tmp_path, head):
+    """A companion TinyLM exported to GPT-2 gives the same ratio as measuring the TinyLM directly."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=bpe.get_vocab_size(), context_length=32, width=16, n_layers=2, n_heads=2,
+                         head=head, head_rank=4 if head == "factorised" else None)
+    model = TinyLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:  # non-zero biases and norms, so a wrong mapping shows
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    pretrained.export_tinylm_to_gpt2(model, bpe, tmp_path)
+    loaded = pretrained.load_causal_lm(str(tmp_path))
+    assert loaded.tied == (head == "tied")
+
+    summary = pretrained.measure_model(loaded, TEXT, max_tokens=200, progress=False).summary()
+    windows = pretrained.token_windows(loaded.tokenizer, pretrained.text_files(TEXT), 200, loaded.context_length)
+    with torch.no_grad():
+        hidden = torch.cat([model.hidden_states(w[None, :-1])[0] for w in windows])
+    targets = torch.cat([w[1:] for w in windows])
+    direct = measure_projection(hidden, model.head_weight().detach(), targets)
+    assert math.isclose(summary["destroyed_ratio"], direct.destroyed_ratio, rel_tol=1e-5)
+    assert summary["head_rank"] == (4 if head == "factorised" else 16)
+
+
+def test_tinylm_export_rejects_mismatch(bpe, tmp_path, monkeypatch):
+    """The export compares logits, so a network that differs from GPT-2 is not saved silently."""
+    model = TinyLM(ModelConfig(vocab_size=bpe.get_vocab_size(), context_length=16, width=16, n_layers=1, n_heads=2))
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx: (original(idx)[0] + 1.0, None))
+    with pytest.raises(RuntimeError, match="changes its logits"):
+        pretrained.export_tinylm_to_gpt2(model, bpe, tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_tied_and_untied_heads_differ(tiny_models):
@@ -302,3 +338,28 @@ def test_command_offline_subprocess_has_no_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--allow-download" in result.stderr
+
+
+def test_resolve_model_spec_caches_and_passes_through(bpe, tmp_path):
+    first = pretrained.resolve_model_spec("tiny-llama-d16-untied", bpe, n_layers=1, context_length=32, cache_dir=tmp_path)
+    again = pretrained.resolve_model_spec("tiny-llama-d16-untied", bpe, n_layers=1, context_length=32, cache_dir=tmp_path)
+    assert first == again
+    assert (tmp_path / "hf_models").is_dir()
+    assert pretrained.resolve_model_spec("EleutherAI/pythia-160m", bpe, cache_dir=tmp_path) == "EleutherAI/pythia-160m"
+    with pytest.raises(ValueError, match="training recipe"):
+        pretrained.resolve_model_spec("trained-d16", bpe, cache_dir=tmp_path)
+
+
+def test_jsonl_documents_stream_one_window_each(tiny_models, tmp_path, capsys):
+    rows = [{"text": (TEXT / "shakespeare_sonnets.txt").read_text(encoding="utf-8")[i * 3000:(i + 1) * 3000]}
+            for i in range(6)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    loaded = pretrained.load_causal_lm(str(tiny_models["gpt2-untied"]))
+    windows = pretrained.token_windows(loaded.tokenizer, pretrained.text_documents(source), 200, context_length=64)
+    assert sum(len(w) - 1 for w in windows) == 200
+    assert len(windows) == 4  # 64 + 64 + 64 + 8 targets, one window per document
+    code, out, err = run_cli(capsys, "measure", "--model", str(tiny_models["gpt2-untied"]), "--text", str(source),
+                             "--tokens", "200", "--no-progress")
+    assert code == 0, err
+    assert "streamed document(s)" in out

@@ -51,7 +51,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
                                        device=args.device, tokenizer=args.tokenizer,
                                        context_length=args.context_length)
     measurement = pretrained.measure_model(loaded, args.text, max_tokens=args.tokens, batch_size=args.batch_size,
-                                           chunk_size=args.chunk_size, progress=not args.no_progress)
+                                           chunk_size=args.chunk_size, progress=not args.no_progress,
+                                           allow_download=args.allow_download, text_field=args.text_field)
     summary = measurement.summary()
     summary["seconds_total"] = time.perf_counter() - started
 
@@ -66,7 +67,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{args.model} ({summary['architecture']}, V={summary['vocab_size']:,}, "
                   f"D={summary['hidden_size']:,}, {', '.join(extras)}, {summary['dtype']} on {summary['device']})"),
-        ("tokens", f"{summary['tokens']:,} from {summary['documents']} document(s) in {args.text}"),
+        ("tokens", f"{summary['tokens']:,} in {summary['windows']:,} window(s) of at most "
+                   f"{summary['context_length']:,} from "
+                   f"{summary['documents'] if summary['documents'] is not None else 'streamed'} document(s) in {args.text}"),
         ("destroyed ratio", f"{summary['destroyed_ratio']:.5f}  (per-token mean {summary['destroyed_ratio_token_mean']:.5f}, "
                             f"5-95%: {summary['destroyed_ratio_token_p05']:.4f}-{summary['destroyed_ratio_token_p95']:.4f})"),
         ("visible cosine", f"{summary['visible_cosine']:.5f}"),
@@ -151,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder written by save_pretrained, or a hub id such as gpt2 (read from the local "
                               "Hugging Face cache unless --allow-download)")
     measure.add_argument("--text", default=str(CORPUS_DIR / "heldout"), metavar="FILE_OR_DIR",
-                         help="UTF-8 text file, or folder whose *.txt files are one document each "
-                              "(default: the shipped held-out corpus, data/corpus/heldout)")
+                         help="UTF-8 text file, folder whose *.txt files are one document each, .jsonl or .parquet "
+                              "file (one document per row), or hf:NAME[:CONFIG] for a Hugging Face dataset (needs "
+                              "--allow-download and the datasets package) (default: the shipped held-out corpus, "
+                              "data/corpus/heldout)")
+    measure.add_argument("--text-field", default="text", metavar="FIELD",
+                         help="field holding the text in .jsonl, .parquet and hf: sources (default: text)")
     measure.add_argument("--tokens", type=int, default=4096, metavar="N",
                          help="number of next-token targets to measure, spread evenly over the documents "
                               "(default: 4096)")

@@ -21,9 +21,12 @@ computed one batch at a time and projected in float32 chunks of tokens, so memor
 the model, the head, the projector's D x D matrices and one chunk of C x V logits.
 """
 
+import hashlib
 import logging
 import math
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .gradients import logit_gradient
 from .projection import HeadProjector, ProjectionStats, random_baseline
+from .paths import CACHE_DIR
 from .train import progress_disabled, select_device
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ SOFTCAP_FIELDS = ("final_logit_softcapping",)  # Gemma 2 and 3: Z = c tanh(A / c
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_SPEC = re.compile(r"^tiny-(gpt2|llama)-d(\d+)-(tied|untied)$")
+TRAINED_SPEC = re.compile(r"^trained-d(\d+)$")
 
 
 class UnsupportedModelError(ValueError):
@@ -418,33 +423,57 @@ def text_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"text path {path} not found; pass a UTF-8 text file or a folder of .txt files")
 
 
-def token_windows(tokenizer, files: list[Path], max_tokens: int, context_length: int) -> list[torch.Tensor]:
+def text_documents(source: str | Path, allow_download: bool = False, text_field: str = "text"):
+    """Return the documents of `source`: a list of .txt paths, or an iterator of texts.
+
+    .jsonl and .parquet files (field `text_field`) and "hf:NAME[:CONFIG]" Hugging Face datasets
+    stream through `external_corpus.iter_documents`; a dataset needs allow_download and the
+    `datasets` package. Plain text files and folders of .txt files give a list of paths, so their
+    number of documents is known in advance.
+    """
+    name = str(source)
+    if name.startswith("hf:") or Path(name).suffix in (".jsonl", ".parquet"):
+        from .external_corpus import iter_documents
+
+        return iter_documents(name, text_field=text_field, allow_download=allow_download)
+    return text_files(source)
+
+
+def token_windows(tokenizer, documents, max_tokens: int, context_length: int) -> list[torch.Tensor]:
     """Cut documents into windows of at most T + 1 token ids, T = context_length.
 
-    Each file is one document, tokenized with the tokenizer's special tokens (e.g. BOS). A window
-    of L ids supplies L - 1 next-token targets and consecutive windows overlap by one id, so every
-    token after a document's first is a target once. The budget of `max_tokens` targets is spread
-    evenly over the documents, and a short document's unused share passes to the next ones.
+    documents: a list of text files (one document each) or an iterable of document texts. Each
+    document is tokenized with the tokenizer's special tokens (e.g. BOS). A window of L ids
+    supplies L - 1 next-token targets and consecutive windows overlap by one id, so every token
+    after a document's first is a target once. For a list of files the budget of `max_tokens`
+    targets is spread evenly, and a short document's unused share passes to the next ones. For
+    a stream of unknown length each document gives at most one window of T targets, so the
+    budget covers about max_tokens / T documents.
     """
     if max_tokens < 1:
         raise ValueError(f"token budget {max_tokens} must be >= 1")
+    count = len(documents) if isinstance(documents, (list, tuple)) else None
     windows: list[torch.Tensor] = []
     remaining = max_tokens
-    blank = 0
-    for index, path in enumerate(files):
+    seen = blank = 0
+    for index, document in enumerate(documents):
         if remaining == 0:
             break
-        share = math.ceil(remaining / (len(files) - index))
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path} is not UTF-8 text ({exc}); convert it or remove it from the folder") from exc
+        seen += 1
+        share = math.ceil(remaining / (count - index)) if count is not None else min(remaining, context_length)
+        if isinstance(document, Path):
+            try:
+                text = document.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{document} is not UTF-8 text ({exc}); convert it or remove it") from exc
+        else:
+            text = document
         if not text.strip():
-            log.info("empty document skipped path=%s", path)
+            log.info("empty document skipped index=%d", index)
             blank += 1
             continue
-        # Enough characters for the share even at one character per token, so a huge file is
-        # never tokenized whole.
+        # Tokenize a prefix of 16 characters per token of the share (English BPE averages about 4),
+        # so a huge document is never tokenized whole. A shortfall passes to later documents.
         ids = tokenizer(text[: 16 * (share + 1) + 1024], add_special_tokens=True)["input_ids"]
         ids = torch.tensor(ids[: share + 1], dtype=torch.long)
         if len(ids) < 2:
@@ -453,10 +482,11 @@ def token_windows(tokenizer, files: list[Path], max_tokens: int, context_length:
             windows.append(ids[start:start + context_length + 1])
         remaining -= len(ids) - 1
     if not windows:
-        where = files[0] if len(files) == 1 else f"{len(files)} files under {files[0].parent}"
-        if blank == len(files):
-            raise ValueError(f"the text in {where} is empty; pass text with at least two tokens")
-        raise ValueError(f"the text in {where} is shorter than two tokens; pass text with at least two tokens")
+        if seen == 0:
+            raise ValueError("the text source contains no documents; pass a file or folder with text")
+        if blank == seen:
+            raise ValueError(f"the text is empty ({seen} blank document(s)); pass text with at least two tokens")
+        raise ValueError(f"the text is shorter than two tokens in every one of {seen} document(s); pass longer text")
     return windows
 
 
@@ -541,16 +571,21 @@ def measure_hidden_states(chunks, head_weight: torch.Tensor, head_bias: torch.Te
 
 
 def measure_model(loaded: LoadedCausalLM, text: str | Path, max_tokens: int = 4096, batch_size: int = 4,
-                  chunk_size: int = 512, progress: bool = True) -> Measurement:
-    """Measure destroyed ratio and visible cosine of G_A on up to `max_tokens` targets of `text`."""
+                  chunk_size: int = 512, progress: bool = True, allow_download: bool = False,
+                  text_field: str = "text") -> Measurement:
+    """Measure destroyed ratio and visible cosine of G_A on up to `max_tokens` targets of `text`.
+
+    text: anything `text_documents` accepts (a .txt file or folder, .jsonl, .parquet, hf:NAME).
+    """
     started = time.perf_counter()
-    files = text_files(text)
-    windows = token_windows(loaded.tokenizer, files, max_tokens, loaded.context_length)
+    documents = text_documents(text, allow_download, text_field)
+    windows = token_windows(loaded.tokenizer, documents, max_tokens, loaded.context_length)
     projector = HeadProjector(loaded.head_weight)
     chunks = iter_hidden_chunks(loaded, windows, batch_size, progress)
     stats, loss_sum = measure_hidden_states(chunks, loaded.head_weight, loaded.head_bias, loaded.logit_map,
                                             projector, chunk_size)
-    info = {**loaded.describe(), "text": str(text), "documents": len(files)}
+    info = {**loaded.describe(), "text": str(text),
+            "documents": len(documents) if isinstance(documents, list) else None, "windows": len(windows)}
     measurement = Measurement(stats, loss_sum, time.perf_counter() - started, info)
     log.info("measured model=%s tokens=%d destroyed_ratio=%.5f visible_cosine=%.5f seconds=%.1f",
              loaded.source, stats.num_tokens, stats.destroyed_ratio, stats.visible_cosine, measurement.seconds)
@@ -558,12 +593,13 @@ def measure_model(loaded: LoadedCausalLM, text: str | Path, max_tokens: int = 40
 
 
 def head_gradient_matrix(loaded: LoadedCausalLM, text: str | Path, max_tokens: int, batch_size: int = 4,
-                         progress: bool = True) -> torch.Tensor:
+                         progress: bool = True, allow_download: bool = False, text_field: str = "text") -> torch.Tensor:
     """Return G_A (C, V) in float32 for up to `max_tokens` targets, rows weighted 1/C.
 
-    This holds all of G (C x V x 4 bytes), so use it for spectra of moderate C only.
+    The result keeps all of G in memory (C x V x 4 bytes), so use it for spectra of moderate C only.
     """
-    windows = token_windows(loaded.tokenizer, text_files(text), max_tokens, loaded.context_length)
+    windows = token_windows(loaded.tokenizer, text_documents(text, allow_download, text_field), max_tokens,
+                            loaded.context_length)
     num_tokens = sum(len(w) - 1 for w in windows)
     grad = torch.empty(num_tokens, loaded.vocab_size, dtype=torch.float32, device=loaded.device)
     offset = 0
@@ -596,8 +632,11 @@ def build_tiny_model(family: str, width: int, tied: bool, tokenizer, out_dir: st
     tokenizer: a `tokenizers.Tokenizer` whose size sets V; it is saved as a transformers fast
     tokenizer, so the folder loads like any hub model. Returns the folder.
     """
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    if progress_disabled():
+        transformers.utils.logging.disable_progress_bar()
     if width < 8 or width % 4:
         raise ValueError(f"tiny model width D={width} must be a multiple of 4 and >= 8")
     vocab_size = tokenizer.get_vocab_size()
@@ -621,3 +660,109 @@ def build_tiny_model(family: str, width: int, tied: bool, tokenizer, out_dir: st
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end_of_text)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def export_tinylm_to_gpt2(model, tokenizer, out_dir: str | Path, atol: float = 1e-4) -> Path:
+    """Save a trained TinyLM as a transformers GPT-2 model, so it loads like any hub model.
+
+    TinyLM's blocks are GPT-2's: pre-norm LayerNorm (eps 1e-5), causal attention scaled by
+    1/sqrt(D / heads), an exact-GELU MLP and learned positions. GPT-2 stores its linear maps as
+    Conv1D with (in, out) weights, hence the transposes. A factorised head is saved as its
+    product W = A B, which gives the same logits. The export is checked by comparing both
+    models' logits on one sequence and raises RuntimeError beyond `atol`.
+    tokenizer: the `tokenizers.Tokenizer` the model was trained with (its id 0 is end-of-text).
+    """
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    if progress_disabled():
+        transformers.utils.logging.disable_progress_bar()
+    config = model.config
+    tied = config.head == "tied"
+    gpt2_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.width,
+        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.mlp_ratio * config.width,
+        activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
+    )
+    gpt2 = GPT2LMHeadModel(gpt2_config)
+    state = {"transformer.wte.weight": model.embed.weight, "transformer.wpe.weight": model.pos.weight,
+             "transformer.ln_f.weight": model.final_norm.weight, "transformer.ln_f.bias": model.final_norm.bias,
+             "lm_head.weight": model.head_weight()}
+    for i, block in enumerate(model.blocks):
+        prefix = f"transformer.h.{i}."
+        state.update({
+            prefix + "ln_1.weight": block.norm1.weight, prefix + "ln_1.bias": block.norm1.bias,
+            prefix + "attn.c_attn.weight": block.attn.qkv.weight.T, prefix + "attn.c_attn.bias": block.attn.qkv.bias,
+            prefix + "attn.c_proj.weight": block.attn.out.weight.T, prefix + "attn.c_proj.bias": block.attn.out.bias,
+            prefix + "ln_2.weight": block.norm2.weight, prefix + "ln_2.bias": block.norm2.bias,
+            prefix + "mlp.c_fc.weight": block.mlp[0].weight.T, prefix + "mlp.c_fc.bias": block.mlp[0].bias,
+            prefix + "mlp.c_proj.weight": block.mlp[2].weight.T, prefix + "mlp.c_proj.bias": block.mlp[2].bias,
+        })
+    with torch.no_grad():
+        gpt2.load_state_dict({name: value.detach().float().contiguous() for name, value in state.items()}, strict=True)
+    gpt2.eval()
+
+    ids = torch.randint(0, config.vocab_size, (1, config.context_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = model.cpu().eval()(ids)
+        actual = gpt2(input_ids=ids).logits
+    error = float((expected - actual).abs().max())
+    if not error <= atol:
+        raise RuntimeError(
+            f"the GPT-2 export of this TinyLM changes its logits by up to {error:.3g} (> atol={atol}); "
+            "model.py and this export no longer describe the same network"
+        )
+    out_dir = Path(out_dir)
+    gpt2.save_pretrained(out_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(0)).save_pretrained(out_dir)
+    log.info("TinyLM exported as GPT-2 path=%s D=%d V=%d head=%s max_logit_error=%.2g",
+             out_dir, config.width, config.vocab_size, config.head, error)
+    return out_dir
+
+
+def resolve_model_spec(spec: str, tokenizer, train_run=None, n_layers: int = 2, context_length: int = 256,
+                       seed: int = 0, cache_dir: Path = CACHE_DIR) -> str:
+    """Return a folder or hub id for one entry of a model list.
+
+    "tiny-gpt2-d64-tied" / "tiny-llama-d128-untied": an untrained model built from a config with V
+    from `tokenizer`, cached under cache_dir/hf_models/. "trained-d64": the TinyLM that
+    `train_run(64)` returns (a TrainResult), exported to GPT-2 format. Anything else is returned
+    unchanged as a local folder or hub id.
+    """
+    tiny = parse_tiny_spec(spec)
+    trained = TRAINED_SPEC.match(spec)
+    if tiny is None and trained is None:
+        return spec
+    if trained is not None:
+        if train_run is None:
+            raise ValueError(f"model {spec!r} needs a training recipe; pass train_run or drop it from the list")
+        run = train_run(int(trained.group(1)))
+        key = run.run_dir.name if run.run_dir is not None else f"untracked-seed{seed}"
+        folder = Path(cache_dir) / "hf_models" / f"{spec}-{key}"
+        if not (folder / "config.json").is_file():
+            _write_folder(folder, lambda tmp: export_tinylm_to_gpt2(run.model, tokenizer, tmp))
+        return str(folder)
+    family, width, tied = tiny
+    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "hf_models" / f"{spec}-L{n_layers}-T{context_length}-seed{seed}-tok{tokenizer_hash}"
+    if not (folder / "config.json").is_file():
+        _write_folder(folder, lambda tmp: build_tiny_model(family, width, tied, tokenizer, tmp, n_layers,
+                                                           context_length, seed))
+    return str(folder)
+
+
+def _write_folder(folder: Path, write) -> None:
+    """Let `write(tmp)` fill a temporary sibling folder, then rename it to `folder`, so a crash
+    never leaves a half-written model behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
