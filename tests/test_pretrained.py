@@ -363,3 +363,23 @@ def test_jsonl_documents_stream_one_window_each(tiny_models, tmp_path, capsys):
                              "--tokens", "200", "--no-progress")
     assert code == 0, err
     assert "streamed document(s)" in out
+
+
+def test_bfloat16_head_keeps_small_directions():
+    """A bfloat16 head with singular values spread over 1..100 keeps all D directions."""
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(600, 32, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))
+    head = ((left * torch.logspace(0, 2, 32, dtype=torch.float64)) @ right.T).to(torch.bfloat16)
+    hidden = torch.randn(50, 32, generator=generator) * 0.05
+    targets = torch.randint(0, 600, (50,), generator=generator)
+
+    stats, _ = pretrained.measure_hidden_states([(hidden, targets)], head, chunk_size=16)
+    assert stats.head_rank == 32
+
+    exact = head.double()
+    grad = torch.softmax(hidden.double() @ exact.T, dim=-1)
+    grad[torch.arange(50), targets] -= 1.0
+    basis, _ = torch.linalg.qr(exact)
+    expected = float((grad - (grad @ basis) @ basis.T).norm() / grad.norm())
+    assert math.isclose(stats.destroyed_ratio, expected, rel_tol=1e-5)

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .gradients import logit_gradient
-from .projection import HeadProjector, ProjectionStats, random_baseline
+from .projection import GRAM_RTOL_FLOOR, HeadProjector, ProjectionStats, random_baseline
 from .paths import CACHE_DIR
 from .train import progress_disabled, select_device
 
@@ -542,6 +542,17 @@ class Measurement:
         }
 
 
+def head_projector(head_weight: torch.Tensor, row_chunk: int = 8192) -> HeadProjector:
+    """Build the projector onto col(W) of the head exactly as stored, whatever its dtype.
+
+    HeadProjector's default tolerance grows with eps(W.dtype), which for a bfloat16 head drops
+    every direction with s_i < 0.08 s_max. The model computes its logits with the stored W, so
+    its column space is exact, and only the float64 Gram matrix's rounding (GRAM_RTOL_FLOOR)
+    limits which directions count.
+    """
+    return HeadProjector(head_weight, rtol=GRAM_RTOL_FLOOR, row_chunk=row_chunk)
+
+
 def measure_hidden_states(chunks, head_weight: torch.Tensor, head_bias: torch.Tensor | None = None,
                           logit_map: LogitMap = LogitMap(), projector: HeadProjector | None = None,
                           chunk_size: int = 512, row_chunk: int = 8192) -> tuple[ProjectionStats, float]:
@@ -552,7 +563,7 @@ def measure_hidden_states(chunks, head_weight: torch.Tensor, head_bias: torch.Te
     """
     if chunk_size < 1:
         raise ValueError(f"chunk size {chunk_size} must be >= 1 token")
-    projector = projector or HeadProjector(head_weight, row_chunk=row_chunk)
+    projector = projector or head_projector(head_weight, row_chunk)
     stats = ProjectionStats(head_rank=projector.rank)
     loss_sum = 0.0
     with torch.inference_mode():
@@ -580,11 +591,13 @@ def measure_model(loaded: LoadedCausalLM, text: str | Path, max_tokens: int = 40
     started = time.perf_counter()
     documents = text_documents(text, allow_download, text_field)
     windows = token_windows(loaded.tokenizer, documents, max_tokens, loaded.context_length)
-    projector = HeadProjector(loaded.head_weight)
+    projector = head_projector(loaded.head_weight)
     chunks = iter_hidden_chunks(loaded, windows, batch_size, progress)
     stats, loss_sum = measure_hidden_states(chunks, loaded.head_weight, loaded.head_bias, loaded.logit_map,
                                             projector, chunk_size)
+    values = projector.singular_values
     info = {**loaded.describe(), "text": str(text),
+            "head_singular_value_ratio": float(values[0] / values[-1]) if values[-1] > 0 else math.inf,
             "documents": len(documents) if isinstance(documents, list) else None, "windows": len(windows)}
     measurement = Measurement(stats, loss_sum, time.perf_counter() - started, info)
     log.info("measured model=%s tokens=%d destroyed_ratio=%.5f visible_cosine=%.5f seconds=%.1f",
