@@ -55,7 +55,7 @@ def test_bfloat16_head_is_cast_in_row_blocks(generator):
     weight = torch.randn(1000, 8, generator=generator).to(torch.bfloat16)
     grad = torch.randn(4, 1000, generator=generator)
     blocked = HeadProjector(weight, row_chunk=96).visible_coordinates(grad)
-    reference = HeadProjector(weight.float(), rtol=10 * torch.finfo(torch.bfloat16).eps)
+    reference = HeadProjector(weight.float())
     torch.testing.assert_close(blocked, reference.visible_coordinates(grad), rtol=1e-4, atol=1e-6)
 
 
@@ -133,3 +133,11 @@ def test_equal_norm_decrease_first_order(generator):
     assert result["decrease_along_gradient"][0] > result["decrease_along_induced"][0] > 0
     with pytest.raises(ValueError, match="step sizes"):
         equal_norm_loss_decrease(hidden, weight, targets, [-1.0])
+
+
+def test_float32_factorised_head_keeps_its_rank(generator):
+    # A (V, r) @ B (r, D) computed in float32 is full rank only through rounding noise, which the
+    # default tolerance must drop.
+    up = torch.randn(8192, 7, generator=generator) * 0.1
+    down = torch.randn(7, 256, generator=generator) * 0.1
+    assert HeadProjector(up @ down).rank == 7

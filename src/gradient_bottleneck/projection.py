@@ -41,10 +41,12 @@ GRAM_RTOL_FLOOR = 1e-5
 class HeadProjector:
     """Projection onto col(W) for a head W (V, D), built from the D x D Gram matrix in float64.
 
-    rtol: singular values s_i <= rtol * s_max are treated as zero. The default is
-    max(10 * eps(W.dtype), 1e-5): below it a direction cannot be distinguished from the rounding
-    noise of the stored head or of the float64 Gram matrix, whose eigenvalues carry absolute
-    errors near D * eps(float64) * s_max^2, i.e. singular values near 1e-6 * s_max for D = 4096.
+    rtol: singular values s_i <= rtol * s_max are treated as zero. The default, 1e-5, sits above
+    the rounding noise of the float64 Gram matrix, whose eigenvalues carry absolute errors near
+    D * eps(float64) * s_max^2, i.e. singular values near 1e-6 * s_max for D = 4096. The stored
+    head's own dtype sets no floor: the model computes its logits with exactly these weights, so
+    even a bfloat16 head's small directions are real. Pass a larger rtol to treat a head as the
+    rounded copy of a lower-rank matrix.
     """
 
     def __init__(self, head_weight: torch.Tensor, rtol: float | None = None,
@@ -68,12 +70,9 @@ class HeadProjector:
             gram += block.T @ block
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         singular_values = eigenvalues.clamp_min(0.0).sqrt()
-        if rtol is None:
-            eps_dtype = head_weight.dtype if head_weight.dtype.is_floating_point else torch.float32
-            rtol = max(10 * torch.finfo(eps_dtype).eps, GRAM_RTOL_FLOOR)
-        self.rtol = rtol
+        self.rtol = GRAM_RTOL_FLOOR if rtol is None else rtol
         s_max = singular_values.max()
-        keep = singular_values > rtol * s_max if s_max > 0 else torch.zeros_like(singular_values, dtype=torch.bool)
+        keep = singular_values > self.rtol * s_max if s_max > 0 else torch.zeros_like(singular_values, dtype=torch.bool)
         self.rank = int(keep.sum())
         if self.rank == 0:
             raise ValueError("head weight is zero; it has no column space to project onto")
