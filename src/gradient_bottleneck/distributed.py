@@ -4,8 +4,9 @@ torchrun starts one process per device and passes its place in the group through
 environment: RANK (global index), LOCAL_RANK (index on this machine) and WORLD_SIZE. Without
 those variables a run is an ordinary single process. GPUs use the NCCL backend, CPUs gloo.
 
-NOTE: DistributedDataParallel is tested on CPU with gloo (tests/test_distributed.py). The FSDP path
-of train() has not yet been run on GPUs, so treat parallel="fsdp" as untested.
+NOTE: DistributedDataParallel is tested on CPU with gloo (tests/test_distributed.py). FSDP needs an
+accelerator (torch 2.13 raises on CPU), and the FSDP path of train() has not yet been run on GPUs,
+so treat parallel="fsdp" as untested.
 """
 
 import logging

@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if group.world_size > 1 and (args.parallel or "none") == "none":
             raise ValueError(f"torchrun started {group.world_size} processes; pass --parallel ddp or --parallel fsdp")
+        if args.parallel == "fsdp" and not group.device.startswith("cuda"):
+            # torch.distributed.fsdp.FullyShardedDataParallel raises without an accelerator.
+            raise ValueError(f"--parallel fsdp needs GPUs, but this process runs on {group.device}; "
+                             "use --parallel ddp on CPUs")
         train_stream, heldout_stream = load_streams(args, group)
         if args.prepare_only:
             if group.rank == 0:
