@@ -383,3 +383,10 @@ def test_bfloat16_head_keeps_small_directions():
     basis, _ = torch.linalg.qr(exact)
     expected = float((grad - (grad @ basis) @ basis.T).norm() / grad.norm())
     assert math.isclose(stats.destroyed_ratio, expected, rel_tol=1e-5)
+
+
+def test_cli_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = run_cli(capsys, "measure", "--model", str(tmp_path))
+    assert_clean_error(code, err, "model.safetensors")
+    assert "not a local directory" not in err

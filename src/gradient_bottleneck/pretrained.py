@@ -371,6 +371,11 @@ def load_causal_lm(name_or_path: str, allow_download: bool = False, dtype: str =
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES.get(dtype, "auto"), **common)
     except OSError as exc:
+        if Path(source).is_dir():
+            raise FileNotFoundError(
+                f"cannot load the weights of model {source} ({exc}); the folder needs model.safetensors "
+                "(or pytorch_model.bin) written by save_pretrained next to its config.json"
+            ) from exc
         raise FileNotFoundError(f"cannot load the weights of model {source}: {_offline_hint(source, local_only)}") from exc
     except (ValueError, KeyError, TypeError, ImportError) as exc:
         raise UnsupportedModelError(f"transformers failed to build model {source}: {type(exc).__name__}: {exc}") from exc
