@@ -189,10 +189,18 @@ def test_training_rejects_mismatched_inputs():
         steps_for_budget(data, 20)
 
 
-def test_best_run_prefers_lowest_loss_and_skips_divergence():
+def test_best_run_prefers_accuracy_then_loss():
     low, high = small_run(lr=1e-2, steps=12), small_run(lr=1e-4, steps=12)
-    assert best_run([high, low]) is (low if low.final["end_train_loss"] < high.final["end_train_loss"] else high)
-    high.final["diverged"] = True
+    low.final.update(end_train_accuracy=0.5, end_train_loss=3.0)
+    high.final.update(end_train_accuracy=0.6, end_train_loss=4.0)
+    assert best_run([low, high]) is high
+    high.final.update(end_train_accuracy=0.5)
+    assert best_run([high, low]) is low
+
+
+def test_best_run_skips_diverged_runs():
+    low, high = small_run(lr=1e-2, steps=12), small_run(lr=1e-4, steps=12)
+    high.final.update(diverged=True, end_train_accuracy=1.0)
     assert best_run([high, low]) is low
     with pytest.raises(ValueError, match="at least one run"):
         best_run([])

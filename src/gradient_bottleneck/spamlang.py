@@ -357,7 +357,12 @@ def train_sequences(model_config: ModelConfig, train_config: TrainConfig, data: 
 
 
 def best_run(runs: list[SequenceRun]) -> SequenceRun:
-    """Return the run with the lowest final training loss; diverged runs lose to any finished run."""
+    """Return the run with the highest end-of-training accuracy, ties broken by the lower training loss.
+
+    Both come from the last logging window of training, so choosing the learning rate never looks at
+    the held-out set. Diverged runs lose to any finished run.
+    """
     if not runs:
         raise ValueError("best_run needs at least one run; sweep at least one learning rate")
-    return min(runs, key=lambda run: (run.final["diverged"], run.final["end_train_loss"]))
+    return min(runs, key=lambda run: (run.final["diverged"], -run.final["end_train_accuracy"],
+                                      run.final["end_train_loss"]))
