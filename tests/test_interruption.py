@@ -110,7 +110,6 @@ def test_finished_run_has_every_checkpoint_whole(killed_then_finished):
 # NOTE: a kill inside atomic_write_bytes leaves its temporary file (".last.pt.<random>.tmp"), and
 # train() does not remove such files when it resumes, so they stay in the run directory. They are
 # never read, but each contains a partial copy of the weights.
-@pytest.mark.xfail(strict=True, reason="train() keeps the temporary files of a write that a kill interrupted")
 def test_resume_removes_temporary_files_of_killed_writes(tmp_path):
     import torch
 

@@ -17,7 +17,10 @@ def collect_verdicts(profile: str, results_dir: Path = RESULTS_DIR) -> list[dict
     folder = Path(results_dir) / profile
     rows = []
     for path in sorted(folder.glob("[0-9][0-9]_*.json")):
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"results file {path} is not valid JSON ({exc}); rerun its notebook to rewrite it") from exc
         commit = (payload.get("provenance", {}).get("git", {}).get("commit") or "unknown")[:8]
         for verdict in payload.get("verdicts", []):
             rows.append({**verdict, "notebook": path.stem, "commit": commit})

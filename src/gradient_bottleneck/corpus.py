@@ -43,7 +43,11 @@ def load_documents(split: str, corpus_dir: Path = CORPUS_DIR) -> list[Document]:
     """Read every document of a split; empty files are rejected because they hide a broken copy."""
     documents = []
     for path in document_paths(split, corpus_dir):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus document {path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                             "convert it to UTF-8") from exc
         if not text.strip():
             raise ValueError(f"corpus document {path} is empty; restore it from git")
         documents.append(Document(path.stem, text))

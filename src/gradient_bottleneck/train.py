@@ -174,6 +174,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def model_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> TinyLM:
     state = load_checkpoint(path, map_location)
+    if not isinstance(state, dict) or "model_config" not in state or "model" not in state:
+        raise ValueError(
+            f"{path} is not a TinyLM checkpoint: it lacks the 'model_config' and 'model' entries that "
+            "train() writes; pass a file from a run's checkpoints/ folder or its last.pt"
+        )
     model = TinyLM(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model
@@ -308,7 +313,13 @@ def train(
         return (get_model_state_dict(wrapped, options=options),
                 get_optimizer_state_dict(wrapped, optimizer, options=options))
 
-    # Phase 2: resume from the last full checkpoint when the run directory has one.
+    # Phase 2: resume from the last full checkpoint when the run directory has one. A process
+    # killed mid-write leaves only temporary files (atomic_write_bytes renames on success), so
+    # they carry nothing worth keeping and are removed.
+    if run_dir is not None:
+        for stray in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]:
+            stray.unlink(missing_ok=True)
+            log.info("removed temporary file of an interrupted write path=%s", stray)
     if run_dir is not None and (run_dir / "last.pt").exists():
         state = load_checkpoint(run_dir / "last.pt", map_location=device if parallel != "fsdp" else "cpu")
         if state["model_config"] != model_config.to_dict() or not _config_matches(state["train_config"], train_config):
@@ -383,7 +394,7 @@ def train(
                     _, loss = forward(inputs.to(device).long(), targets.to(device).long())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"training loss became {float(loss)} at step {step} with lr={lr:.3g}; lower the learning "
+                        f"training loss became {loss.item()} at step {step} with lr={lr:.3g}; lower the learning "
                         "rate or check the data"
                     )
                 (loss / accum if accum > 1 else loss).backward()
