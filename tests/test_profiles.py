@@ -54,6 +54,8 @@ def test_claims_table_reads_verdicts_and_updates_readme(tmp_path):
     rows = claims.collect_verdicts("smoke", tmp_path / "results")
     table = claims.markdown_table(rows)
     assert "| c | p | o | **partial** | `01_demo` (smoke, 01234567) |" in table
+    escaped = claims.markdown_table([{**rows[0], "ours": "max |G| 1e-3"}])
+    assert "max \\|G\\| 1e-3" in escaped
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{claims.START_MARK}\nold\n{claims.END_MARK}\noutro\n")
     claims.update_readme(table, readme)

@@ -30,10 +30,14 @@ def collect_verdicts(profile: str, results_dir: Path = RESULTS_DIR) -> list[dict
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "_No results yet: run `make reproduce`._\n"
+    def cell(text: str) -> str:
+        # A bare "|" (as in |G|) would end the Markdown table cell early.
+        return str(text).replace("|", "\\|")
+
     lines = ["| Claim | Paper | Ours | Verdict | Notebook (profile, commit) |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row['claim']} | {row['paper']} | {row['ours']} | **{row['verdict']}** | "
+            f"| {cell(row['claim'])} | {cell(row['paper'])} | {cell(row['ours'])} | **{row['verdict']}** | "
             f"`{row['notebook']}` ({row['profile']}, {row['commit']}) |"
         )
     return "\n".join(lines) + "\n"
