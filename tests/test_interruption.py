@@ -107,9 +107,8 @@ def test_finished_run_has_every_checkpoint_whole(killed_then_finished):
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == STEPS + 1
 
 
-# NOTE: a kill inside atomic_write_bytes leaves its temporary file (".last.pt.<random>.tmp"), and
-# train() does not remove such files when it resumes, so they stay in the run directory. They are
-# never read, but each contains a partial copy of the weights.
+# A kill inside atomic_write_bytes leaves its temporary file (".last.pt.<random>.tmp") behind, and
+# each such file contains a partial copy of the weights, so train() must remove them when it resumes.
 def test_resume_removes_temporary_files_of_killed_writes(tmp_path):
     import torch
 
