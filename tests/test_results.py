@@ -45,3 +45,16 @@ def test_recorder_separates_timing_from_values(tmp_path):
     assert set(data["timing"]) == {"started_utc", "finished_utc", "wall_time_s"}
     with pytest.raises(ValueError, match="verdict 'maybe'"):
         recorder.add_verdict("claim", "x", "y", "maybe", "smoke")
+
+
+def test_written_files_get_default_permissions(tmp_path):
+    path = write_json(tmp_path / "shared.json", {"value": 1})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

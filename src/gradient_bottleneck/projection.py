@@ -56,8 +56,6 @@ class HeadProjector:
         vocab_size, hidden_size = head_weight.shape
         if vocab_size < 2 or hidden_size < 1:
             raise ValueError(f"head weight of shape (V={vocab_size}, D={hidden_size}) needs V >= 2 and D >= 1")
-        if not torch.isfinite(head_weight).all():
-            raise ValueError("head weight contains NaN or Inf; check the checkpoint it came from")
         self.weight = head_weight.detach()
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.compute_dtype = compute_dtype
@@ -68,6 +66,10 @@ class HeadProjector:
         for start in range(0, vocab_size, row_chunk):
             block = self.weight[start:start + row_chunk].to(torch.float64)
             gram += block.T @ block
+        # A NaN or Inf anywhere in W reaches the diagonal of W^T W; checking there avoids a
+        # temporary boolean copy of the whole head.
+        if not torch.isfinite(gram.diagonal()).all():
+            raise ValueError("head weight contains NaN or Inf; check the checkpoint it came from")
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         singular_values = eigenvalues.clamp_min(0.0).sqrt()
         self.rtol = GRAM_RTOL_FLOOR if rtol is None else rtol
@@ -101,6 +103,12 @@ class HeadProjector:
         return (coords @ self.whitening.T) @ self.weight.to(self.compute_dtype).T
 
 
+def _squared_row_norms(matrix: torch.Tensor, block_rows: int = 64) -> torch.Tensor:
+    """Return ||row||^2 accumulated in float64, converting 64 rows at a time to bound memory."""
+    return torch.cat([torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64).square()
+                      for block in matrix.split(block_rows)])
+
+
 @dataclass
 class ProjectionStats:
     """Destroyed ratio and visible cosine, aggregated over tokens and per token."""
@@ -112,8 +120,8 @@ class ProjectionStats:
     head_rank: int | None = None
 
     def update(self, grad: torch.Tensor, coords: torch.Tensor) -> None:
-        row_sq = grad.to(torch.float64).pow(2).sum(-1)
-        visible_row_sq = coords.to(torch.float64).pow(2).sum(-1)
+        row_sq = _squared_row_norms(grad)
+        visible_row_sq = _squared_row_norms(coords)
         # Rounding can push ||gQ||^2 a hair above ||g||^2; clamp so ratios stay in [0, 1].
         visible_row_sq = torch.minimum(visible_row_sq, row_sq)
         self.total_sq += float(row_sq.sum())

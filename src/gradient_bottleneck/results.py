@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 TRACKED_PACKAGES = ("torch", "numpy", "tokenizers", "transformers", "papermill", "matplotlib", "seaborn")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`.
 
@@ -40,6 +46,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file with mode 0600; give it the mode a plain open() would.
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
