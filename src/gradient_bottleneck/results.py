@@ -79,7 +79,7 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def git_commit() -> dict:
-    """Return the repository's HEAD commit and whether tracked files differ from it."""
+    """Return the repository's HEAD commit and whether tracked files outside results/ differ from it."""
     def run(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -88,7 +88,8 @@ def git_commit() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
+    # results/ is excluded because a running `make reproduce` rewrites its tracked files itself.
+    status = run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
