@@ -19,7 +19,9 @@ import pytest
 from gradient_bottleneck.paths import REPO_ROOT
 from gradient_bottleneck.train import load_checkpoint
 
-STEPS = 80
+# Long enough that a kill within 0.3 s of a save never lands after the last step, even on an
+# idle machine where one step takes a few milliseconds.
+STEPS = 600
 KILLS = 2
 
 CHILD = f"""
