@@ -60,7 +60,10 @@ def test_claims_table_reads_verdicts_and_updates_readme(tmp_path):
     readme.write_text(f"intro\n{claims.START_MARK}\nold\n{claims.END_MARK}\noutro\n")
     claims.update_readme(table, readme)
     text = readme.read_text()
-    assert "old" not in text and table in text and text.startswith("intro") and text.endswith("outro\n")
+    assert "old" not in text
+    assert table in text
+    assert text.startswith("intro")
+    assert text.endswith("outro\n")
     Path(readme).write_text("no markers")
     with pytest.raises(ValueError, match="lacks the markers"):
         claims.update_readme(table, readme)

@@ -40,7 +40,8 @@ def test_recorder_separates_timing_from_values(tmp_path):
     recorder.add_verdict("claim", "0.95", "0.9", "partial", "smoke")
     data = json.loads(recorder.write().read_text())
     assert data["values"] == {"ratio": 0.9}
-    assert data["provenance"]["parameters"] == {"width": 8} and data["provenance"]["seed"] == 3
+    assert data["provenance"]["parameters"] == {"width": 8}
+    assert data["provenance"]["seed"] == 3
     assert data["provenance"]["versions"]["torch"] == metadata.version("torch")
     assert set(data["timing"]) == {"started_utc", "finished_utc", "wall_time_s"}
     with pytest.raises(ValueError, match="verdict 'maybe'"):

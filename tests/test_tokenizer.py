@@ -18,7 +18,8 @@ def test_tokenizer_cache_is_reused(small_corpus, tmp_path):
     stamp = cached.stat().st_mtime_ns
     load_tokenizer(300, small_corpus, tmp_path)
     assert cached.stat().st_mtime_ns == stamp
-    assert corpus_hash(small_corpus)[:16] in cached.name and cached.name.endswith("-V300.json")
+    assert corpus_hash(small_corpus)[:16] in cached.name
+    assert cached.name.endswith("-V300.json")
 
 
 def test_unreadable_tokenizer_cache_raises(small_corpus, tmp_path):
@@ -31,7 +32,8 @@ def test_unreadable_tokenizer_cache_raises(small_corpus, tmp_path):
 
 def test_encoded_split_marks_documents(small_corpus, tmp_path):
     stream = encode_split("train", 300, small_corpus, tmp_path)
-    assert len(stream.doc_names) == 3 and stream.doc_starts[0] == 0
+    assert len(stream.doc_names) == 3
+    assert stream.doc_starts[0] == 0
     assert int(stream.tokens.max()) < 300
     assert stream.document_of(stream.doc_starts).tolist() == [0, 1, 2]
     again = encode_split("train", 300, small_corpus, tmp_path)  # from the .npy cache

@@ -42,7 +42,8 @@ def test_run_dir_checkpoints_load_with_weights_only(streams, tmp_path):
     torch.testing.assert_close(model.head_weight(), result.model.head_weight())
     assert json.loads((tmp_path / "history.json").read_text())["history"] == result.history
     again = train(MODEL, config, *streams, run_dir=tmp_path)  # finished: loaded, not retrained
-    assert again.resumed_from_step == 10 and again.history == result.history
+    assert again.resumed_from_step == 10
+    assert again.history == result.history
 
 
 def test_run_dir_with_other_config_is_rejected(streams, tmp_path):

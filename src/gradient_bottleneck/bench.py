@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .model import ModelConfig, TinyLM
 from .paths import REPO_ROOT, resolve
 from .projection import HeadProjector, measure_projection
-from .results import atomic_write_bytes, git_commit, package_versions, write_json
+from .results import git_commit, package_versions, replace_between_markers, write_json
 
 log = logging.getLogger(__name__)
 
@@ -532,12 +532,7 @@ def markdown_summary(payload: dict) -> str:
 
 def update_docs_page(table: str, page: Path = DOCS_PAGE) -> None:
     """Replace the text between the bench-summary markers of the benchmarks page."""
-    text = page.read_text(encoding="utf-8")
-    if START_MARK not in text or END_MARK not in text:
-        raise ValueError(f"{page} lacks the markers {START_MARK} and {END_MARK}; add them where the table goes")
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    atomic_write_bytes(page, f"{head}{START_MARK}\n{table}{END_MARK}{tail}".encode("utf-8"))
+    replace_between_markers(page, START_MARK, END_MARK, table)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .paths import REPO_ROOT, RESULTS_DIR
 from .profiles import check_profile
-from .results import atomic_write_bytes
+from .results import replace_between_markers
 
 START_MARK = "<!-- claims-table:start -->"
 END_MARK = "<!-- claims-table:end -->"
@@ -45,9 +45,4 @@ def markdown_table(rows: list[dict]) -> str:
 
 def update_readme(table: str, readme: Path = REPO_ROOT / "README.md") -> None:
     """Replace the text between the claims-table markers in the README."""
-    text = readme.read_text(encoding="utf-8")
-    if START_MARK not in text or END_MARK not in text:
-        raise ValueError(f"{readme} lacks the markers {START_MARK} and {END_MARK}; add them where the table goes")
-    head, rest = text.split(START_MARK, 1)
-    _, tail = rest.split(END_MARK, 1)
-    atomic_write_bytes(readme, f"{head}{START_MARK}\n{table}{END_MARK}{tail}".encode("utf-8"))
+    replace_between_markers(readme, START_MARK, END_MARK, table)

@@ -1,6 +1,6 @@
 """The shipped English corpus: Shakespeare's and Milton's works from Project Gutenberg.
 
-data/corpus/{train,heldout}/ holds one UTF-8 text file per document; data/README.md gives the
+data/corpus/{train,heldout}/ contains one UTF-8 text file per document; data/README.md gives the
 source, licence and checksums. The split is by document, so held-out text is never trained on.
 """
 

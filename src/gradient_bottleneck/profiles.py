@@ -1,6 +1,6 @@
 """Profiles: named parameter sets for each notebook (smoke for CI, cpu for the main job, gpu).
 
-profiles/<profile>/<notebook>.yaml holds the papermill parameters of one notebook in one profile.
+profiles/<profile>/<notebook>.yaml contains the papermill parameters of one notebook in one profile.
 """
 
 from pathlib import Path

@@ -54,6 +54,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def replace_between_markers(path: Path, start_mark: str, end_mark: str, block: str) -> None:
+    """Replace the text between two marker lines of a file, atomically, keeping the markers."""
+    text = path.read_text(encoding="utf-8")
+    if start_mark not in text or end_mark not in text:
+        raise ValueError(f"{path} lacks the markers {start_mark} and {end_mark}; add them where the table goes")
+    head, rest = text.split(start_mark, 1)
+    _, tail = rest.split(end_mark, 1)
+    atomic_write_bytes(path, f"{head}{start_mark}\n{block}{end_mark}{tail}".encode("utf-8"))
+
+
 def _jsonable(value: Any) -> Any:
     """Convert tensors, paths and non-finite floats into plain JSON values."""
     if isinstance(value, dict):
