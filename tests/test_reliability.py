@@ -17,6 +17,7 @@ import papermill
 import pytest
 import torch
 
+import gradient_bottleneck.model
 from gradient_bottleneck import bench, claims, report, results
 from gradient_bottleneck.__main__ import main as cli_main
 from gradient_bottleneck.corpus import load_documents
@@ -163,10 +164,11 @@ def test_nan_loss_keeps_last_checkpoint(tmp_path, monkeypatch):
     train(MODEL, QUICK, *streams, run_dir=tmp_path, stop_after_step=2)
     files = {path: path.read_bytes() for path in tmp_path.rglob("*.pt")}
 
-    def nan_loss(logits, targets, *args, **kwargs):
-        return logits.sum() * float("nan")
+    def nan_loss(hidden, weight, targets, *args, **kwargs):
+        return (hidden.sum() + weight.sum()) * float("nan")
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss)
+    # the trainer's loss: TinyLM.forward(..., return_logits=False) calls the chunked cross-entropy
+    monkeypatch.setattr(gradient_bottleneck.model, "chunked_cross_entropy", nan_loss)
     with pytest.raises(FloatingPointError, match="training loss became nan at step 2 .*lower the learning rate"):
         train(MODEL, QUICK, *streams, run_dir=tmp_path)
     assert_unchanged(files)

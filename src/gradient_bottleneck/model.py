@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunked_loss import chunked_cross_entropy
+
 HEAD_KINDS = ("full", "tied", "factorised", "backward_only")
 RANKED_HEADS = ("factorised", "backward_only")  # head kinds that take head_rank r
 
@@ -212,17 +214,41 @@ class TinyLM(nn.Module):
             x = block(x)
         return self.final_norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_operands(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (X, M) with logits = X M^T: the last matrix product of the head and its input.
+
+        full and tied: (H, W). factorised: (H B^T, A), so the chunked loss never forms W = A B.
+        backward_only: (H, W) with H routed through BackwardRankProjection.
+        """
         if self.config.head == "tied":
-            return hidden @ self.embed.weight.T
+            return hidden, self.embed.weight
+        if self.config.head == "factorised":
+            return hidden @ self.head.down.T, self.head.up
         if self.config.head == "backward_only":
             hidden = BackwardRankProjection.apply(hidden, self.head.weight, self.config.head_rank)
-        return self.head(hidden)
+        return hidden, self.head.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Return (logits (B, T, V), mean cross-entropy or None)."""
-        logits = self.logits(self.hidden_states(idx))
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        inputs, weight = self.head_operands(hidden)
+        return F.linear(inputs, weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True):
+        """Return (logits (B, T, V) or None, mean cross-entropy or None).
+
+        With targets and return_logits=False, the loss comes from chunked_cross_entropy, which never
+        stores the (B, T, V) logits and computes the head's gradients as it goes. The trainer calls
+        it this way because it needs only the loss. The loss and gradients equal the logits path's
+        to float rounding.
+        """
+        hidden = self.hidden_states(idx)
+        if not return_logits:
+            if targets is None:
+                raise ValueError("return_logits=False needs targets, because the model then returns only the loss")
+            return None, chunked_cross_entropy(*self.head_operands(hidden), targets)
+        logits = self.logits(hidden)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+            # at least float32, so half-precision logits do not lose the loss; float64 stays float64
+            flat = logits.reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1))
         return logits, loss

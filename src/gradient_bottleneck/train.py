@@ -391,7 +391,8 @@ def train(
             sync = nullcontext() if parallel != "ddp" or micro == accum - 1 else wrapped.no_sync()
             with sync:
                 with autocast_context(device, train_config.precision):
-                    _, loss = forward(inputs.to(device).long(), targets.to(device).long())
+                    # Only the loss is needed, so the chunked loss skips storing the (B, T, V) logits.
+                    _, loss = forward(inputs.to(device).long(), targets.to(device).long(), return_logits=False)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training loss became {loss.item()} at step {step} with lr={lr:.3g}; lower the learning "
