@@ -48,6 +48,18 @@ def test_recorder_separates_timing_from_values(tmp_path):
         recorder.add_verdict("claim", "x", "y", "maybe", "smoke")
 
 
+def test_recorder_keeps_extra_wall_times_under_timing(tmp_path):
+    recorder = ResultsRecorder(tmp_path / "r.json", parameters={}, seed=0, device="cpu")
+    recorder.record(ratio=0.9)
+    recorder.record_timing(grid_s=12.5, run_wall_times_s=[1.0, 2.0])
+    data = json.loads(recorder.write().read_text())
+    assert data["values"] == {"ratio": 0.9}
+    assert data["timing"]["grid_s"] == 12.5
+    assert data["timing"]["run_wall_times_s"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"timing keys \['wall_time_s'\] are written by the recorder"):
+        recorder.record_timing(wall_time_s=3.0)
+
+
 def test_written_files_get_default_permissions(tmp_path):
     path = write_json(tmp_path / "shared.json", {"value": 1})
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()

@@ -145,11 +145,19 @@ class ResultsRecorder:
         self.values: dict[str, Any] = {}
         self.checks: dict[str, Any] = {}
         self.verdicts: list[dict] = []
+        self.timings: dict[str, Any] = {}
         self._provenance = provenance(parameters, seed, device)
         self._started = _dt.datetime.now(_dt.timezone.utc)
 
     def record(self, **values: Any) -> None:
         self.values.update(values)
+
+    def record_timing(self, **seconds: Any) -> None:
+        """Store wall times (in seconds) under "timing", apart from the values that reruns reproduce."""
+        reserved = {"started_utc", "finished_utc", "wall_time_s"} & seconds.keys()
+        if reserved:
+            raise ValueError(f"timing keys {sorted(reserved)} are written by the recorder itself; pick other names")
+        self.timings.update(seconds)
 
     def add_verdict(self, claim: str, paper_value: str, our_value: str, verdict: str, profile: str) -> dict:
         allowed = ("reproduced", "partial", "not reproduced")
@@ -170,6 +178,7 @@ class ResultsRecorder:
                 "started_utc": self._started.isoformat(timespec="seconds"),
                 "finished_utc": finished.isoformat(timespec="seconds"),
                 "wall_time_s": round((finished - self._started).total_seconds(), 2),
+                **self.timings,
             },
         }
         write_json(self.path, payload)
