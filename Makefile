@@ -39,12 +39,14 @@ install: $(STAMP)  ## Create .venv and install the pinned packages (runs once)
 check-profile:
 	@case " $(PROFILES) " in *" $(PROFILE) "*) ;; *) echo "unknown PROFILE=$(PROFILE); use one of: $(PROFILES)" >&2; exit 2;; esac
 
+# Training progress bars are off inside the notebooks, where each update would become a stored
+# stderr output; papermill's own bar shows progress cell by cell.
 reproduce: $(STAMP) check-profile  ## Execute every notebook with PROFILE (default cpu) into results/PROFILE/
 	@mkdir -p $(RESULTS)
 	@set -e; start=$$(date +%s); for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb (profile $(PROFILE))"; t0=$$(date +%s); \
-	  $(VENV)/bin/papermill --log-level WARNING --kernel python3 notebooks/$$nb.ipynb $(RESULTS)/$$nb.ipynb \
-	    -f profiles/$(PROFILE)/$$nb.yaml; \
+	  GRADIENT_BOTTLENECK_PROGRESS=0 $(VENV)/bin/papermill --log-level WARNING --kernel python3 \
+	    notebooks/$$nb.ipynb $(RESULTS)/$$nb.ipynb -f profiles/$(PROFILE)/$$nb.yaml; \
 	  echo "   $$nb took $$(( $$(date +%s) - t0 )) s"; \
 	done; echo "== all notebooks took $$(( $$(date +%s) - start )) s"
 	$(PY) -m gradient_bottleneck claims --profile $(PROFILE) --update-readme

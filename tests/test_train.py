@@ -5,7 +5,8 @@ import torch
 
 from gradient_bottleneck.model import ModelConfig
 from gradient_bottleneck.tokenizer import encode_split
-from gradient_bottleneck.train import TrainConfig, learning_rate, load_checkpoint, model_from_checkpoint, train
+from gradient_bottleneck.train import (TrainConfig, learning_rate, load_checkpoint, model_from_checkpoint,
+                                      progress_disabled, train)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,12 @@ def test_schedule_warms_up_then_decays():
     assert learning_rate(9, config) == pytest.approx(1.0)
     assert learning_rate(10, config) == pytest.approx(1.0)
     assert learning_rate(100, config) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("ci", "setting", "silent"), [
+    ("", "", False), ("1", "", True), ("", "0", True), ("", "off", True), ("", "1", False), ("", " FALSE ", True),
+])
+def test_progress_switches(monkeypatch, ci, setting, silent):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setenv("GRADIENT_BOTTLENECK_PROGRESS", setting)
+    assert progress_disabled() is silent

@@ -94,6 +94,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+# torch.compile runs this function eagerly and compiles the backbone around it, because the target
+# range check needs host values and the chunk loop would otherwise break the graph with a warning.
+@torch.compiler.disable
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int | None = None) -> torch.Tensor:
     """Return the mean cross-entropy of the logits H W^T against the targets, never storing (C, V).

@@ -19,8 +19,8 @@ def load_streams(vocab_size: int) -> tuple[TokenStream, TokenStream]:
 def train_cached(model_config: ModelConfig, train_config: TrainConfig, desc: str = "train") -> TrainResult:
     """Train on the shipped corpus, reusing a finished run from .cache/runs/ when one matches.
 
-    The cache key covers both configs, the corpus hash and the source of model.py and train.py,
-    so two notebooks asking for the same run share it and any code change retrains.
+    The cache key covers both configs, the corpus hash and the source of model.py, chunked_loss.py
+    and train.py, so two notebooks asking for the same run share it and any code change retrains.
     """
     streams = load_streams(model_config.vocab_size)
     data_key = f"{corpus_hash()[:16]}-V{model_config.vocab_size}"

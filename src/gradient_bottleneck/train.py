@@ -102,8 +102,14 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def progress_disabled() -> bool:
-    """Progress bars are silent under CI (the CI variable is set) to keep logs readable."""
-    return bool(os.environ.get("CI"))
+    """Return True when progress bars should stay silent.
+
+    They are silent when the CI variable is set, to keep logs readable, and when
+    GRADIENT_BOTTLENECK_PROGRESS is 0, false, no or off. `make reproduce` sets the latter because
+    under papermill every bar update becomes one more stderr output in the executed notebook.
+    """
+    setting = os.environ.get("GRADIENT_BOTTLENECK_PROGRESS", "").strip().lower()
+    return bool(os.environ.get("CI")) or setting in ("0", "false", "no", "off")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -185,13 +191,13 @@ def model_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> TinyLM
 
 
 def run_key(model_config: ModelConfig, train_config: TrainConfig, data_key: str) -> str:
-    """Hash the configs, the data identity and this package's model and trainer source.
+    """Hash the configs, the data identity and this package's model, loss and trainer source.
 
-    Including the source means editing model.py or train.py invalidates cached runs.
+    Including the source means editing model.py, chunked_loss.py or train.py invalidates cached runs.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps([model_config.to_dict(), asdict(train_config), data_key], sort_keys=True).encode())
-    for module in ("model.py", "train.py"):
+    for module in ("model.py", "chunked_loss.py", "train.py"):
         digest.update((Path(__file__).parent / module).read_bytes())
     return digest.hexdigest()[:16]
 
